@@ -1,0 +1,60 @@
+"""Rollout backend on `transformers.generate`: runs on CPU and GPU, the default on CPU machines."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from actors.sampling import Sample, SamplingSpec, cut_at_eos
+from rlsr_ray.policy import autocast, load_causal_lm
+
+
+class TransformersBackend:
+    def __init__(self, policy_path: str, tokenizer, compute_dtype: str, device: str, batch_size: int):
+        self.model = load_causal_lm(policy_path, device).eval()
+        self.tok = tokenizer
+        self.compute_dtype, self.device, self.batch_size = compute_dtype, device, batch_size
+        self.eos_ids = {tokenizer.eos_token_id}
+
+    def load_weights(self, state_dict: dict) -> None:
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        # Tied embeddings may appear once; anything else missing means a mismatched model.
+        missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the rollout model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Sample]]:
+        flat = [p for p in prompts for _ in range(spec.n)]
+        gen = torch.Generator().manual_seed(spec.seed)
+        samples: list[Sample] = []
+        for s in range(0, len(flat), self.batch_size):
+            # Seed each chunk from one generator so results do not depend on scheduling.
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            samples.extend(self._generate_chunk(flat[s:s + self.batch_size], spec))
+        return [samples[i * spec.n:(i + 1) * spec.n] for i in range(len(prompts))]
+
+    def _generate_chunk(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[Sample]:
+        width = max(len(p) for p in prompts)
+        pad = self.tok.pad_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        greedy = spec.temperature == 0
+        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=spec.temperature,
+                                                           top_p=spec.top_p, top_k=0)
+        with autocast(self.device, self.compute_dtype):
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                max_new_tokens=spec.max_new_tokens, pad_token_id=pad, eos_token_id=sorted(self.eos_ids),
+                output_logits=True, return_dict_in_generate=True, **kwargs,
+            )
+        tokens = out.sequences[:, width:]  # [B, T]
+        # Raw logits (before temperature/top-p) -> log-probs at the sampling temperature.
+        logits = torch.stack(out.logits, dim=1).float()  # [B, T, V]
+        if not greedy and spec.temperature != 1.0:
+            logits = logits / spec.temperature
+        lp = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        return [cut_at_eos(t.tolist(), l.tolist(), self.eos_ids) for t, l in zip(tokens.cpu(), lp.cpu())]

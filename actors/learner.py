@@ -1,0 +1,182 @@
+"""Learner role: DeepSpeed ZeRO data-parallel training of the policy on TRAIN mini-batches.
+
+World size = number of learner actors; gloo on CPU, NCCL on GPU. A client torch AdamW is used so
+DeepSpeed builds no fused/CPU Adam extension. The loss of each micro-batch is already normalised
+by its mini-batch's global token (or sequence) count; multiplying by the world size undoes
+DeepSpeed's averaging of gradients over ranks, so the update equals the single-process one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from rlsr_ray import batch
+from rlsr_ray.loss import LossSettings, rlsr_loss
+from rlsr_ray.policy import forward_logprobs, load_causal_lm, load_tokenizer, pad_batch, response_logprobs, set_threads
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    lr: float
+    adam_betas: tuple[float, float]
+    weight_decay: float
+    grad_clip: float
+    zero_stage: int
+    micro_batch_size: int  # sequences per forward/backward
+    micro_steps: int  # micro-batches per mini-batch on one learner (DeepSpeed's accumulation steps)
+    loss: LossSettings
+    temperature: float
+    compute_dtype: str
+    recompute_old_logprobs: bool
+    seed: int = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class LearnerActor:
+    def __init__(self, policy_path: str, settings: LearnerSettings, world_size: int = 1, device: str = "cpu",
+                 torch_threads: int = 1, cache_dir: str = "~/.cache/rlsr_ray", rank: int = 0):
+        set_threads(torch_threads)
+        torch.manual_seed(settings.seed)
+        self.rank, self.world_size, self.device, self.s = rank, world_size, device, settings
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.tok = load_tokenizer(policy_path)
+        self.model = load_causal_lm(policy_path, device)
+        self.engine = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0 hands out the address every learner connects to."""
+        try:
+            import ray
+
+            host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        except ImportError:  # pragma: no cover - ray is a dependency
+            host = "127.0.0.1"
+        return host, _free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        import deepspeed
+
+        # The CPU shared-memory comm op is JIT-built on first use (~1 min): keep it across runs.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(self.cache_dir / "torch_extensions"))
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(0)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                                   rank=self.rank, world_size=self.world_size)
+        s = self.s
+        config = {
+            "train_micro_batch_size_per_gpu": s.micro_batch_size,
+            "gradient_accumulation_steps": s.micro_steps,
+            "train_batch_size": s.micro_batch_size * s.micro_steps * self.world_size,
+            "gradient_clipping": s.grad_clip,
+            "zero_optimization": {"stage": s.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": cuda and s.compute_dtype == "bfloat16"},
+            "steps_per_print": 10**9,
+        }
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=s.adam_betas,
+                                      weight_decay=s.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=config)
+
+    def _old_logprobs(self, table: pa.Table) -> list:
+        if not self.s.recompute_old_logprobs:
+            return table.column("rollout_logprobs").to_pylist()
+        return [x.tolist() for x in self.logprobs(table)]
+
+    def train_step(self, minibatches: list[pa.Table], normalisers: list[float]) -> dict[str, float]:
+        """One optimizer step per mini-batch; returns summed statistics over all of them."""
+        eng, s = self.engine, self.s
+        eng.train()
+        totals = {"tokens": 0.0, "pg_sum": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "grad_norm": 0.0}
+        for table, norm in zip(minibatches, normalisers):
+            table = batch.check(table, batch.TRAIN, f"learner[{self.rank}] input")
+            old = self._old_logprobs(table)
+            rows = len(table)
+            chunks = [(a, min(a + s.micro_batch_size, rows)) for a in range(0, rows, s.micro_batch_size)]
+            if len(chunks) != s.micro_steps:
+                raise ValueError(f"learner[{self.rank}]: {rows} rows make {len(chunks)} micro-batches, "
+                                 f"planned {s.micro_steps}")
+            for a, b in chunks:
+                stats = self._micro_step(table.slice(a, b - a), old[a:b], norm)
+                for k in ("tokens", "pg_sum", "kl_sum", "clipped_sum"):
+                    totals[k] += stats[k]
+            norm_value = eng.get_global_grad_norm()
+            totals["grad_norm"] += float(norm_value) if norm_value is not None else 0.0
+        return totals
+
+    def _micro_step(self, t: pa.Table, old: list, normaliser: float) -> dict[str, float]:
+        d = self.device
+        pb = pad_batch(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist(),
+                       self.tok.pad_token_id, d)
+        T = pb.response_ids.shape[1]
+
+        def padded(rows: list) -> torch.Tensor:
+            out = torch.zeros(len(rows), T, dtype=torch.float32)
+            for i, r in enumerate(rows):
+                out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+            return out.to(d)
+
+        logp = forward_logprobs(self.engine, pb, self.s.temperature, self.s.compute_dtype)
+        adv = torch.tensor(t.column("advantage").to_numpy(), dtype=torch.float32, device=d)
+        loss, stats = rlsr_loss(logp, padded(old), padded(t.column("ref_logprobs").to_pylist()), adv,
+                                pb.response_mask, self.s.loss, normaliser)
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.engine.step()  # applies the update only at the accumulation boundary
+        return stats
+
+    @torch.no_grad()
+    def logprobs(self, table: pa.Table) -> list:
+        model = self.engine.module if self.engine is not None else self.model
+        model.eval()
+        return response_logprobs(model, table.column("prompt_ids").to_pylist(),
+                                 table.column("response_ids").to_pylist(), self.tok.pad_token_id,
+                                 self.s.temperature, self.s.compute_dtype, self.s.micro_batch_size, self.device)
+
+    def export_weights(self) -> dict | None:
+        """Full CPU state dict on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
+        model = self.engine.module if self.engine is not None else self.model
+        if self.s.zero_stage == 3 and self.engine is not None:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+                return self._cpu_state_dict(model) if self.rank == 0 else None
+        return self._cpu_state_dict(model) if self.rank == 0 else None
+
+    @staticmethod
+    def _cpu_state_dict(model) -> dict:
+        out, seen = {}, set()
+        for k, v in model.state_dict().items():
+            if v.data_ptr() in seen:  # tied weights (lm_head = embeddings) travel once
+                continue
+            seen.add(v.data_ptr())
+            out[k] = v.detach().to("cpu", dtype=torch.float32, copy=True)
+        return out
+
+    def save_pretrained(self, path: str) -> str | None:
+        """Write an HF folder (safetensors + tokenizer) atomically; every rank must call it."""
+        state = self.export_weights()
+        if self.rank != 0:
+            return None
+        target = Path(path)
+        tmp = target.with_name(target.name + ".tmp")
+        model = self.engine.module if self.engine is not None else self.model
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        self.tok.save_pretrained(tmp)
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        return str(target)

@@ -1,0 +1,111 @@
+"""A pool of one actor role: a placement group, N Ray actors, per-actor calls with timeouts.
+
+With `num_actors: 0` the role runs inside the driver process through the same interface, so tests
+and clusters exercise the same loop code (as RLlib's LearnerGroup does).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from rlsr_ray.config import PoolConfig
+from rlsr_ray.plan import bundles
+
+log = logging.getLogger("rlsr_ray")
+
+# Quiet, offline workers: no hub calls, no tokenizer thread pools fighting the torch threads.
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+class PoolTimeout(TimeoutError):
+    pass
+
+
+class Pool:
+    def __init__(self, role: str, cls: type, cfg: PoolConfig, kwargs: dict[str, Any],
+                 placement_timeout_s: float = 600.0, call_timeout_s: float = 3600.0,
+                 per_rank_kwargs: Callable[[int], dict[str, Any]] | None = None):
+        self.role, self.cfg, self.call_timeout_s = role, cfg, call_timeout_s
+        self.remote = cfg.num_actors > 0
+        extra = per_rank_kwargs or (lambda rank: {})
+        if not self.remote:
+            self.actors = [cls(**kwargs, **extra(0), rank=0)]
+            self.pg = None
+            return
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.pg = placement_group(bundles(cfg), strategy="PACK", name=f"rlsr-{role}")
+        self._wait_placement(placement_timeout_s)
+        remote_cls = ray.remote(cls)
+        env = {**WORKER_ENV, "OMP_NUM_THREADS": str(cfg.torch_threads)}
+        self.actors = []
+        for rank in range(cfg.num_actors):
+            b = bundles(cfg)[rank]
+            opts = dict(
+                num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0),
+                resources={k: v for k, v in b.items() if k not in ("CPU", "GPU")},
+                max_restarts=cfg.max_restarts, runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+                name=None,
+            )
+            self.actors.append(remote_cls.options(**opts).remote(**kwargs, **extra(rank), rank=rank))
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def _wait_placement(self, timeout_s: float) -> None:
+        import ray
+
+        start = time.monotonic()
+        while True:
+            ready, _ = ray.wait([self.pg.ready()], timeout=min(30.0, timeout_s))
+            if ready:
+                return
+            waited = time.monotonic() - start
+            need = bundles(self.cfg)
+            if waited >= timeout_s:
+                raise PoolTimeout(f"pool {self.role}: resources {need} not available after {waited:.0f}s "
+                                  "(placement timeout ray.placement_timeout_s)")
+            log.info("pool %s: waiting %.0fs for resources %s (cluster has %s)", self.role, waited, need,
+                     ray.available_resources())
+
+    def submit(self, method: str, per_actor_args: list[tuple]) -> list[Any]:
+        """Call `method` on each actor with its own args; returns refs (remote) or values (local)."""
+        if len(per_actor_args) != len(self.actors):
+            raise ValueError(f"pool {self.role}: {len(per_actor_args)} arg sets for {len(self.actors)} actors")
+        if not self.remote:
+            return [getattr(a, method)(*args) for a, args in zip(self.actors, per_actor_args)]
+        return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor_args)]
+
+    def broadcast(self, method: str, *args: Any) -> list[Any]:
+        return self.submit(method, [args] * len(self.actors))
+
+    def get(self, results: list[Any], what: str = "") -> list[Any]:
+        if not self.remote:
+            return results
+        import ray
+
+        ready, pending = ray.wait(results, num_returns=len(results), timeout=self.call_timeout_s)
+        if pending:
+            ranks = [i for i, r in enumerate(results) if r in pending]
+            raise PoolTimeout(f"pool {self.role}: actor rank(s) {ranks} did not finish {what} within "
+                              f"{self.call_timeout_s:.0f}s (ray.call_timeout_s)")
+        return ray.get(results)
+
+    def call(self, method: str, per_actor_args: list[tuple]) -> list[Any]:
+        return self.get(self.submit(method, per_actor_args), method)
+
+    def shutdown(self) -> None:
+        if not self.remote:
+            return
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)

@@ -1,0 +1,31 @@
+"""Reference role: ROLLOUTS -> REF_LOGPROBS under the frozen initial policy."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from rlsr_ray import batch
+from rlsr_ray.policy import load_causal_lm, load_tokenizer, response_logprobs, set_threads
+
+
+class ReferenceActor:
+    def __init__(self, policy_path: str, compute_dtype: str = "float32", device: str = "cpu",
+                 torch_threads: int = 1, micro_batch_size: int = 8, temperature: float = 1.0, rank: int = 0):
+        set_threads(torch_threads)
+        self.rank, self.device, self.compute_dtype = rank, device, compute_dtype
+        self.micro_batch_size, self.temperature = micro_batch_size, temperature
+        self.model = load_causal_lm(policy_path, device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.pad_id = load_tokenizer(policy_path).pad_token_id
+
+    def logprobs(self, rollouts: pa.Table) -> pa.Table:
+        rollouts = batch.check(rollouts, batch.ROLLOUTS, f"reference[{self.rank}] input")
+        lps = response_logprobs(
+            self.model, rollouts.column("prompt_ids").to_pylist(), rollouts.column("response_ids").to_pylist(),
+            self.pad_id, self.temperature, self.compute_dtype, self.micro_batch_size, self.device,
+        )
+        table = pa.table({
+            "group_id": rollouts.column("group_id"), "sample_idx": rollouts.column("sample_idx"),
+            "ref_logprobs": pa.array([x.tolist() for x in lps], pa.list_(pa.float32())),
+        })
+        return batch.check(table, batch.REF_LOGPROBS, f"reference[{self.rank}] output")

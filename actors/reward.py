@@ -1,0 +1,45 @@
+"""Reward role: ROLLOUTS -> REWARDS, sentence-transformers embeddings + the copy penalty."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from rlsr_ray import batch
+from rlsr_ray.policy import set_threads
+from rlsr_ray.reward import PenaltyRule, cosine_rows, rlsr_rewards
+
+
+class RewardActor:
+    def __init__(self, model_path: str, rule: PenaltyRule, device: str = "cpu", torch_threads: int = 1,
+                 batch_size: int = 64, rank: int = 0):
+        from sentence_transformers import SentenceTransformer
+
+        set_threads(torch_threads)
+        self.rank, self.rule, self.batch_size = rank, rule, batch_size
+        self.model = SentenceTransformer(model_path, device=device)
+        self._ref_cache: dict[str, np.ndarray] = {}  # references repeat n times per step and every epoch
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
+
+    def _reference_embeddings(self, refs: list[str]) -> np.ndarray:
+        new = sorted({r for r in refs if r not in self._ref_cache})
+        if new:
+            self._ref_cache.update(zip(new, self._embed(new)))
+        return np.stack([self._ref_cache[r] for r in refs])
+
+    def score(self, rollouts: pa.Table) -> pa.Table:
+        rollouts = batch.check(rollouts, batch.ROLLOUTS, f"reward[{self.rank}] input")
+        responses = rollouts.column("response_text").to_pylist()
+        refs = rollouts.column("reference_text").to_pylist()
+        if not responses:
+            sim = np.zeros(0, np.float32)
+        else:
+            sim = cosine_rows(self._embed(responses), self._reference_embeddings(refs))
+        reward, lcs, penalized = rlsr_rewards(sim, responses, refs, self.rule)
+        table = pa.table({
+            "group_id": rollouts.column("group_id"), "sample_idx": rollouts.column("sample_idx"),
+            "reward": pa.array(reward, pa.float32()), "similarity": pa.array(sim, pa.float32()),
+            "lcs_chars": pa.array(lcs, pa.int32()), "lcs_penalized": pa.array(penalized, pa.bool_()),
+        })
+        return batch.check(table, batch.REWARDS, f"reward[{self.rank}] output")

@@ -1,0 +1,53 @@
+"""Rollout role: PROMPTS -> ROLLOUTS with the current policy weights, tagged with their version."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from actors.sampling import RolloutBackend, SamplingSpec
+from rlsr_ray import batch
+from rlsr_ray.policy import load_tokenizer, set_threads
+
+
+class RolloutActor:
+    def __init__(self, policy_path: str, backend: str = "transformers", compute_dtype: str = "float32",
+                 device: str = "cpu", torch_threads: int = 1, generate_batch_size: int = 16,
+                 vllm_gpu_memory_utilization: float = 0.85, rank: int = 0):
+        set_threads(torch_threads)
+        self.rank = rank
+        self.tok = load_tokenizer(policy_path)
+        self.policy_version = 0
+        self.backend: RolloutBackend
+        if backend == "vllm":
+            from actors.vllm_backend import VLLMBackend
+
+            self.backend = VLLMBackend(policy_path, {self.tok.eos_token_id}, compute_dtype,
+                                       vllm_gpu_memory_utilization)
+        else:
+            from actors.hf_backend import TransformersBackend
+
+            self.backend = TransformersBackend(policy_path, self.tok, compute_dtype, device, generate_batch_size)
+
+    def generate(self, prompts: pa.Table, spec: SamplingSpec) -> pa.Table:
+        prompts = batch.check(prompts, batch.PROMPTS, f"rollout[{self.rank}] input")
+        prompt_ids = prompts.column("prompt_ids").to_pylist()
+        groups = self.backend.generate(prompt_ids, spec)
+        cols: dict[str, list] = {f.name: [] for f in batch.ROLLOUTS}
+        for gid, pids, ref, samples in zip(prompts.column("group_id").to_pylist(), prompt_ids,
+                                           prompts.column("reference_text").to_pylist(), groups):
+            for k, s in enumerate(samples):
+                cols["group_id"].append(gid)
+                cols["sample_idx"].append(k)
+                cols["prompt_ids"].append(pids)
+                cols["reference_text"].append(ref)
+                cols["response_ids"].append(s.response_ids)
+                cols["response_text"].append(self.tok.decode(s.response_ids, skip_special_tokens=True))
+                cols["rollout_logprobs"].append(s.logprobs)
+                cols["finish_reason"].append(s.finish_reason)
+                cols["policy_version"].append(self.policy_version)
+        table = pa.Table.from_pydict(cols, schema=batch.ROLLOUTS)
+        return batch.check(table, batch.ROLLOUTS, f"rollout[{self.rank}] output")
+
+    def load_weights(self, state_dict: dict, version: int) -> int:
+        self.backend.load_weights(state_dict)
+        self.policy_version = version
+        return version

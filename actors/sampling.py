@@ -1,0 +1,36 @@
+"""What a rollout backend is asked for and what it gives back, independent of the engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    n: int  # samples per prompt (GRPO group size)
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float
+    seed: int  # per call, so a step's samples are reproducible
+
+
+@dataclass
+class Sample:
+    response_ids: list[int]  # generated tokens, EOS included when produced
+    logprobs: list[float]  # log pi(token) at the sampling temperature (1.0 when greedy)
+    finish_reason: str  # "stop" or "length"
+
+
+class RolloutBackend(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Sample]]:
+        """One list of `spec.n` samples per prompt, in prompt order."""
+
+    def load_weights(self, state_dict: dict) -> None: ...
+
+
+def cut_at_eos(tokens: Sequence[int], logprobs: Sequence[float], eos_ids: set[int]) -> Sample:
+    """Keep tokens up to and including the first EOS; what follows is engine padding."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return Sample(list(tokens[: i + 1]), list(logprobs[: i + 1]), "stop")
+    return Sample(list(tokens), list(logprobs), "length")

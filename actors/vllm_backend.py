@@ -1,0 +1,71 @@
+"""Rollout backend on vLLM (CUDA only; install with the `vllm` extra).
+
+Written against vLLM's public API: `LLM`, `SamplingParams`, `TokensPrompt`, `LLM.collective_rpc`
+with a `worker_extension_cls` for in-place weight updates. vLLM has no CPU build, so the adapter
+logic (sampling arguments in, samples out) is kept in small functions that the tests exercise
+with stand-in objects shaped like vLLM's outputs; the engine itself only runs on GPU machines.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from actors.sampling import Sample, SamplingSpec, cut_at_eos
+
+
+def sampling_kwargs(spec: SamplingSpec) -> dict[str, Any]:
+    """SamplingParams arguments: n samples, the sampled token's log-prob only (logprobs=0)."""
+    kwargs: dict[str, Any] = dict(n=spec.n, max_tokens=spec.max_new_tokens, logprobs=0, seed=spec.seed)
+    if spec.temperature == 0:
+        kwargs.update(temperature=0.0)
+    else:
+        kwargs.update(temperature=spec.temperature, top_p=spec.top_p)
+    return kwargs
+
+
+def to_samples(request_output: Any, eos_ids: set[int]) -> list[Sample]:
+    """One vLLM RequestOutput -> its samples (token ids, sampled-token log-probs, finish reason)."""
+    samples = []
+    for comp in request_output.outputs:
+        ids = list(comp.token_ids)
+        if comp.logprobs is None or len(comp.logprobs) != len(ids):
+            raise ValueError("vLLM returned no per-token logprobs; SamplingParams(logprobs=0) is required")
+        lps = [float(step[t].logprob) for t, step in zip(ids, comp.logprobs)]
+        sample = cut_at_eos(ids, lps, eos_ids)
+        if comp.finish_reason == "stop":  # a stop token vLLM did not echo still means "stop"
+            sample.finish_reason = "stop"
+        samples.append(sample)
+    return samples
+
+
+class WeightLoaderExtension:
+    """Mixed into vLLM's GPU worker (worker_extension_cls): receives weights by collective_rpc."""
+
+    def rlsr_load_weights(self, named_tensors: list) -> None:  # runs inside the vLLM worker
+        self.model_runner.model.load_weights(weights=named_tensors)
+
+
+class VLLMBackend:
+    def __init__(self, policy_path: str, eos_ids: set[int], compute_dtype: str, gpu_memory_utilization: float,
+                 seed: int = 0):
+        from vllm import LLM  # imported here: the package exists only on CUDA machines
+
+        self.eos_ids = eos_ids
+        self.llm = LLM(
+            model=policy_path, dtype=compute_dtype, gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed, enable_prefix_caching=True,
+            # Log-probs after temperature scaling, matching what the learner computes.
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls="actors.vllm_backend.WeightLoaderExtension",
+        )
+
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Sample]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(**sampling_kwargs(spec))
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        return [to_samples(o, self.eos_ids) for o in outs]
+
+    def load_weights(self, state_dict: dict) -> None:
+        self.llm.collective_rpc("rlsr_load_weights", args=(list(state_dict.items()),))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights

