@@ -108,15 +108,13 @@ class LearnerActor:
             if len(chunks) != s.micro_steps:
                 raise ValueError(f"learner[{self.rank}]: {rows} rows make {len(chunks)} micro-batches, "
                                  f"planned {s.micro_steps}")
-            for a, b in chunks:
-                stats = self._micro_step(table.slice(a, b - a), old[a:b], norm)
-                for k in ("tokens", "pg_sum", "kl_sum", "clipped_sum"):
-                    totals[k] += stats[k]
-            norm_value = eng.get_global_grad_norm()
-            totals["grad_norm"] += float(norm_value) if norm_value is not None else 0.0
+            for i, (a, b) in enumerate(chunks):
+                stats = self._micro_step(table.slice(a, b - a), old[a:b], norm, last=i == len(chunks) - 1)
+                for k in ("tokens", "pg_sum", "kl_sum", "clipped_sum", "grad_norm"):
+                    totals[k] += stats.get(k, 0.0)
         return totals
 
-    def _micro_step(self, t: pa.Table, old: list, normaliser: float) -> dict[str, float]:
+    def _micro_step(self, t: pa.Table, old: list, normaliser: float, last: bool) -> dict[str, float]:
         d = self.device
         pb = pad_batch(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist(),
                        self.tok.pad_token_id, d)
@@ -133,8 +131,18 @@ class LearnerActor:
         loss, stats = rlsr_loss(logp, padded(old), padded(t.column("ref_logprobs").to_pylist()), adv,
                                 pb.response_mask, self.s.loss, normaliser)
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        # Pre-clipping gradient norm of the mini-batch: DeepSpeed records it during step() under
+        # ZeRO >= 1 only; with ZeRO-0 every rank holds full gradients, so compute it here.
+        norm = self._full_grad_norm() if last and self.s.zero_stage == 0 else None
         self.engine.step()  # applies the update only at the accumulation boundary
+        if last:
+            value = norm if norm is not None else self.engine.get_global_grad_norm()
+            stats["grad_norm"] = float(value) if value is not None else float("nan")
         return stats
+
+    def _full_grad_norm(self) -> float:
+        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
 
     @torch.no_grad()
     def logprobs(self, table: pa.Table) -> list:

@@ -1,0 +1,154 @@
+"""The actor roles in-process (no Ray), with a tiny random policy and the real MiniLM and DeepSpeed."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from actors.learner import LearnerActor, LearnerSettings
+from actors.reference import ReferenceActor
+from actors.reward import RewardActor
+from actors.rollout import RolloutActor
+from actors.sampling import SamplingSpec
+from rlsr_ray import batch, data
+from rlsr_ray.loop import build_train_table
+from rlsr_ray.loss import LossSettings
+from rlsr_ray.reward import PenaltyRule
+
+SPEC = SamplingSpec(n=4, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=3)
+
+
+def settings(micro_batch_size=8, micro_steps=1, lr=1e-3, **kw):
+    return LearnerSettings(lr=lr, adam_betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0, zero_stage=0,
+                           micro_batch_size=micro_batch_size, micro_steps=micro_steps,
+                           loss=LossSettings(0.2, 0.001, "k3", "token_mean"), temperature=1.0,
+                           compute_dtype="float32", recompute_old_logprobs=False, **kw)
+
+
+_PORTS = iter(range(29611, 29700))
+
+
+def learner(tiny_policy, s):
+    lrn = LearnerActor(tiny_policy, s)
+    addr, _ = lrn.rendezvous()
+    lrn.setup(addr, next(_PORTS))
+    return lrn
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_tokenizer):
+    tok = data.tokenize(data.load_examples(None)[:4], tiny_tokenizer, 128, "drop")
+    return data.prompts_table(tok, [0, 1, 2, 3], first_group_id=0)
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny_policy):
+    return RolloutActor(tiny_policy, generate_batch_size=6)
+
+
+@pytest.fixture(scope="module")
+def reward(minilm_path):
+    return RewardActor(minilm_path, PenaltyRule())
+
+
+def test_rollout_rows_follow_contract(rollout, prompts):
+    out = rollout.generate(prompts, SPEC)
+    assert len(out) == 16 and out.schema.equals(batch.ROLLOUTS)
+    assert out.column("sample_idx").to_pylist() == [0, 1, 2, 3] * 4
+    lengths = [len(x) for x in out.column("response_ids").to_pylist()]
+    reasons = out.column("finish_reason").to_pylist()
+    assert all((n == 12) == (r == "length") or r == "stop" for n, r in zip(lengths, reasons))
+    again = rollout.generate(prompts, SPEC)
+    assert again.column("response_ids").equals(out.column("response_ids"))  # seeded per call
+
+
+def test_logprobs_agree_at_step_zero(tiny_policy, rollout, prompts):
+    rolled = rollout.generate(prompts, SPEC)
+    ref = ReferenceActor(tiny_policy, micro_batch_size=5).logprobs(rolled)
+    lrn = learner(tiny_policy, settings())
+    ours = np.concatenate(lrn.logprobs(rolled))
+    rl = np.concatenate(rolled.column("rollout_logprobs").to_numpy(zero_copy_only=False))
+    rf = np.concatenate(ref.column("ref_logprobs").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(rl, rf, atol=2e-4)
+    np.testing.assert_allclose(rl, ours, atol=2e-4)
+
+
+def test_reward_actor_scores_and_penalises(reward):
+    ref = "Water boils at 100 degrees Celsius at sea level, which is 212 degrees Fahrenheit. " * 2
+    t = pa.Table.from_pydict({
+        "group_id": [0, 0, 0], "sample_idx": [0, 1, 2], "prompt_ids": [[1]] * 3, "reference_text": [ref] * 3,
+        "response_ids": [[5]] * 3, "response_text": ["It boils at 100 C.", "Bananas are yellow.", ref],
+        "rollout_logprobs": [[-1.0]] * 3, "finish_reason": ["stop"] * 3, "policy_version": [0] * 3,
+    }, schema=batch.ROLLOUTS)
+    out = reward.score(t)
+    sim = out.column("similarity").to_pylist()
+    assert sim[0] > sim[1] + 0.2 and sim[2] == pytest.approx(1.0, abs=1e-5)
+    assert out.column("lcs_penalized").to_pylist() == [False, False, True]
+    assert out.column("reward").to_pylist()[2] == -1.0
+
+
+def _train_table(tiny_policy, rollout, reward, prompts):
+    rolled = rollout.generate(prompts, SPEC)
+    ref = ReferenceActor(tiny_policy).logprobs(rolled)
+    return build_train_table(rolled, reward.score(rolled), ref, std_norm=True)
+
+
+def test_learner_step_changes_weights_and_rollout_receives_them(tiny_policy, prompts, reward):
+    rollout = RolloutActor(tiny_policy, generate_batch_size=16)
+    train = _train_table(tiny_policy, rollout, reward, prompts)
+    lrn = learner(tiny_policy, settings(micro_batch_size=8, micro_steps=2))
+    before = {k: v.clone() for k, v in lrn.export_weights().items()}
+    stats = lrn.train_step([train], [float(sum(len(x) for x in train.column("response_ids").to_pylist()))])
+    assert stats["tokens"] > 0 and np.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
+    after = lrn.export_weights()
+    assert max((after[k] - before[k]).abs().max().item() for k in before) > 1e-5
+    rollout.load_weights(after, version=1)
+    for k, v in rollout.backend.model.state_dict().items():
+        if k in after:
+            torch.testing.assert_close(v, after[k])
+    new = rollout.generate(prompts, SPEC)
+    assert set(new.column("policy_version").to_pylist()) == {1}
+    np.testing.assert_allclose(np.concatenate(lrn.logprobs(new)),
+                               np.concatenate(new.column("rollout_logprobs").to_numpy(zero_copy_only=False)),
+                               atol=2e-4)
+
+
+def test_learner_update_invariant_to_micro_batching(tiny_policy, prompts, reward, rollout):
+    """One mini-batch of 16 sequences: 1 micro-batch of 16 == 16 micro-batches of 1."""
+    train = _train_table(tiny_policy, rollout, reward, prompts)
+    norm = float(sum(len(x) for x in train.column("response_ids").to_pylist()))
+    lr = 1e-3
+    deltas = []
+    for micro, steps in ((16, 1), (1, 16)):
+        lrn = learner(tiny_policy, settings(micro_batch_size=micro, micro_steps=steps, lr=lr))
+        w0 = lrn.export_weights()
+        lrn.train_step([train], [norm])
+        w1 = lrn.export_weights()
+        deltas.append({k: w1[k] - w0[k] for k in w0})
+    worst = max((deltas[0][k] - deltas[1][k]).abs().max().item() for k in deltas[0])
+    moved = max(d.abs().max().item() for d in deltas[0].values())
+    assert moved > lr / 2 and worst < lr * 1e-3
+
+
+def test_learner_rejects_unplanned_micro_batches(tiny_policy, prompts, reward, rollout):
+    train = _train_table(tiny_policy, rollout, reward, prompts)
+    lrn = learner(tiny_policy, settings(micro_batch_size=4, micro_steps=2))
+    with pytest.raises(ValueError, match="planned 2"):
+        lrn.train_step([train], [1.0])
+
+
+def test_checkpoint_loads_with_plain_transformers(tiny_policy, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lrn = learner(tiny_policy, settings())
+    path = lrn.save_pretrained(str(tmp_path / "ckpt"))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    enc = tok(text, return_tensors="pt")
+    assert model.generate(**enc, max_new_tokens=2).shape[-1] > enc["input_ids"].shape[-1]
+    exported = lrn.export_weights()
+    for k, v in model.state_dict().items():
+        if k in exported:
+            torch.testing.assert_close(v, exported[k])

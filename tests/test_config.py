@@ -1,0 +1,55 @@
+import pytest
+
+from rlsr_ray.config import Config, ConfigError, load_config, parse_override, preset_names
+from rlsr_ray.plan import step_plan
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_shipped_preset_loads_and_plans(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, Config)
+    plan = step_plan(cfg)
+    assert plan.micro_steps >= 1
+
+
+def test_presets_include_default_and_tiny():
+    assert {"default", "tiny"} <= set(preset_names())
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config("tiny", ["--run.steps=7", "--train.lr=3e-6", "--pools.reward.resources={gpu_l4: 1}",
+                               "--data.path=/x/y.jsonl", "--rollout.temperature=0"])
+    assert cfg.run.steps == 7 and cfg.train.lr == 3e-6 and cfg.data.path == "/x/y.jsonl"
+    assert cfg.pools.reward.resources == {"gpu_l4": 1.0}
+    assert cfg.rollout.temperature == 0.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--run.stepz=3"], "unknown config key 'run.stepz'"),
+    (["--nosuch.key=3"], "unknown config key 'nosuch'"),
+    (["--run.steps=many"], "run.steps: expected an integer"),
+    (["--rollout.backend=sglang"], "rollout.backend: 'sglang' is not allowed; choose one of 'transformers', 'vllm'"),
+    (["--train.zero_stage=4"], "train.zero_stage"),
+    (["--rollout.top_p=1.5"], "rollout.top_p"),
+    (["--train.mini_batch_prompts=3"], "must divide"),
+    (["--run.steps=-1"], "run.steps"),
+    (["--algo.advantage_std_norm=maybe"], "expected true or false"),
+    (["run.steps=3"], "bad argument"),
+    (["--steps=3"], "expected section.key"),
+    (["--rollout.backend=vllm"], "needs GPUs"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")) as e:
+        load_config("tiny", args)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_preset_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="shipped presets: .*default.*tiny"):
+        load_config("nonexistent")
+
+
+def test_parse_override_yaml_scalars():
+    assert parse_override("--a.b=3") == (["a", "b"], 3)
+    assert parse_override("--a.b=true") == (["a", "b"], True)
+    assert parse_override("--a.b=hello") == (["a", "b"], "hello")

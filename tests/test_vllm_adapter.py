@@ -1,0 +1,55 @@
+"""The vLLM backend's adapter logic, driven by STAND-IN objects shaped like vLLM's outputs.
+
+vLLM has no CPU build, so the engine itself cannot run here; these tests cover what rlsr_ray adds
+around it: the SamplingParams arguments and the conversion of RequestOutputs into samples.
+"""
+from dataclasses import dataclass
+
+import pytest
+
+from actors.sampling import SamplingSpec
+from actors.vllm_backend import sampling_kwargs, to_samples
+
+
+@dataclass
+class StandInLogprob:  # mirrors vllm.sequence.Logprob
+    logprob: float
+
+
+@dataclass
+class StandInCompletion:  # mirrors vllm.outputs.CompletionOutput
+    token_ids: list
+    logprobs: list
+    finish_reason: str
+
+
+@dataclass
+class StandInRequestOutput:  # mirrors vllm.outputs.RequestOutput
+    outputs: list
+
+
+def test_sampling_kwargs_sampled_and_greedy():
+    kw = sampling_kwargs(SamplingSpec(n=8, max_new_tokens=100, temperature=0.9, top_p=0.95, seed=7))
+    assert kw == dict(n=8, max_tokens=100, logprobs=0, seed=7, temperature=0.9, top_p=0.95)
+    greedy = sampling_kwargs(SamplingSpec(n=1, max_new_tokens=5, temperature=0.0, top_p=0.5, seed=0))
+    assert greedy["temperature"] == 0.0 and "top_p" not in greedy
+
+
+def test_to_samples_picks_sampled_token_logprob_and_cuts_at_eos():
+    eos = 2
+    comp_stop = StandInCompletion([5, 9, eos], [{5: StandInLogprob(-0.5)}, {9: StandInLogprob(-1.5), 4: StandInLogprob(-0.1)},
+                                                {eos: StandInLogprob(-0.05)}], "stop")
+    comp_len = StandInCompletion([7, 7], [{7: StandInLogprob(-0.2)}, {7: StandInLogprob(-0.3)}], "length")
+    s = to_samples(StandInRequestOutput([comp_stop, comp_len]), {eos})
+    assert s[0].response_ids == [5, 9, eos] and s[0].logprobs == [-0.5, -1.5, -0.05] and s[0].finish_reason == "stop"
+    assert s[1].response_ids == [7, 7] and s[1].finish_reason == "length"
+
+
+def test_to_samples_stop_without_echoed_eos_is_still_stop():
+    comp = StandInCompletion([5], [{5: StandInLogprob(-0.5)}], "stop")
+    assert to_samples(StandInRequestOutput([comp]), {2})[0].finish_reason == "stop"
+
+
+def test_to_samples_requires_logprobs():
+    with pytest.raises(ValueError, match="logprobs=0"):
+        to_samples(StandInRequestOutput([StandInCompletion([5], None, "stop")]), {2})
