@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 
 from actors.sampling import Sample, SamplingSpec, cut_at_eos
-from rlsr_ray.policy import autocast, load_causal_lm
+from rlsr_ray.policy import autocast, load_causal_lm, state_dict_to_torch
 
 
 class TransformersBackend:
@@ -17,7 +17,7 @@ class TransformersBackend:
         self.eos_ids = {tokenizer.eos_token_id}
 
     def load_weights(self, state_dict: dict) -> None:
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        missing, unexpected = self.model.load_state_dict(state_dict_to_torch(state_dict), strict=False)
         # Tied embeddings may appear once; anything else missing means a mismatched model.
         missing = [k for k in missing if k != "lm_head.weight"]
         if missing or unexpected:

@@ -17,7 +17,8 @@ import torch
 
 from rlsr_ray import batch
 from rlsr_ray.loss import LossSettings, rlsr_loss
-from rlsr_ray.policy import forward_logprobs, load_causal_lm, load_tokenizer, pad_batch, response_logprobs, set_threads
+from rlsr_ray.policy import (forward_logprobs, load_causal_lm, load_tokenizer, pad_batch, response_logprobs,
+                             set_threads, state_dict_to_torch)
 
 
 @dataclass(frozen=True)
@@ -164,12 +165,13 @@ class LearnerActor:
 
     @staticmethod
     def _cpu_state_dict(model) -> dict:
+        """float32 numpy arrays: Ray stores them zero-copy, and readers map them without unpickling."""
         out, seen = {}, set()
         for k, v in model.state_dict().items():
             if v.data_ptr() in seen:  # tied weights (lm_head = embeddings) travel once
                 continue
             seen.add(v.data_ptr())
-            out[k] = v.detach().to("cpu", dtype=torch.float32, copy=True)
+            out[k] = v.detach().to("cpu", dtype=torch.float32, copy=True).numpy()
         return out
 
     def save_pretrained(self, path: str) -> str | None:
@@ -180,7 +182,7 @@ class LearnerActor:
         target = Path(path)
         tmp = target.with_name(target.name + ".tmp")
         model = self.engine.module if self.engine is not None else self.model
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict_to_torch(state), safe_serialization=True)
         self.tok.save_pretrained(tmp)
         if target.exists():
             import shutil

@@ -67,5 +67,7 @@ class VLLMBackend:
         return [to_samples(o, self.eos_ids) for o in outs]
 
     def load_weights(self, state_dict: dict) -> None:
-        self.llm.collective_rpc("rlsr_load_weights", args=(list(state_dict.items()),))
+        from rlsr_ray.policy import state_dict_to_torch
+
+        self.llm.collective_rpc("rlsr_load_weights", args=(list(state_dict_to_torch(state_dict).items()),))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights

@@ -8,6 +8,7 @@ reference and learner compute the same numbers for the same weights.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -95,6 +96,16 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
         lp = forward_logprobs(model, b, temperature, compute_dtype).float().cpu().numpy()
         out.extend(lp[i, :len(r)].astype(np.float32) for i, r in enumerate(responses[s:s + micro_batch]))
     return out
+
+
+def state_dict_to_torch(weights: dict) -> dict[str, torch.Tensor]:
+    """numpy arrays from the object store (read-only, zero-copy) -> tensors sharing their memory.
+
+    The callers copy them straight into parameters, so the read-only buffers are never written.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in weights.items()}
 
 
 def set_threads(n: int) -> None:
