@@ -59,20 +59,28 @@ class Pool:
         return len(self.actors)
 
     def _wait_placement(self, timeout_s: float) -> None:
+        """Wait for the autoscaler rather than fail: a cluster may be scaling up from zero."""
         import ray
 
         start = time.monotonic()
+        next_log = 0.0
+        need = bundles(self.cfg)
         while True:
-            ready, _ = ray.wait([self.pg.ready()], timeout=min(30.0, timeout_s))
+            ready, _ = ray.wait([self.pg.ready()], timeout=min(5.0, max(timeout_s, 0.1)))
             if ready:
                 return
             waited = time.monotonic() - start
-            need = bundles(self.cfg)
             if waited >= timeout_s:
-                raise PoolTimeout(f"pool {self.role}: resources {need} not available after {waited:.0f}s "
-                                  "(placement timeout ray.placement_timeout_s)")
-            log.info("pool %s: waiting %.0fs for resources %s (cluster has %s)", self.role, waited, need,
-                     ray.available_resources())
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(self.pg)  # withdraw the request so the autoscaler stops on it
+                raise PoolTimeout(
+                    f"pool {self.role}: gave up after {waited:.0f}s waiting for {len(need)} x {need[0]} "
+                    f"(cluster total {ray.cluster_resources()}); raise ray.placement_timeout_s or add nodes")
+            if waited >= next_log:
+                log.info("pool %s: waiting %.0fs for %d x %s; available now %s", self.role, waited, len(need),
+                         need[0], ray.available_resources())
+                next_log = waited + 30.0
 
     def submit(self, method: str, per_actor_args: list[tuple]) -> list[Any]:
         """Call `method` on each actor with its own args; returns refs (remote) or values (local)."""

@@ -91,6 +91,9 @@ class PoolConfig:
     resources: dict[str, float] = field(default_factory=dict)  # custom node resources
     torch_threads: int = 1
     max_restarts: int = 0
+    # "auto": CUDA when the actor holds GPUs. "cpu" keeps compute on the CPU while placement still
+    # asks for logical GPUs, which lets GPU layouts be exercised on machines without any.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ def connect_ray(cfg: Config) -> bool:
 
 
 def _device(pool) -> str:
+    if pool.device != "auto":
+        return pool.device
     return "cuda" if pool.num_gpus > 0 else "cpu"
 
 
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rlsr_ray: error: {e}", file=sys.stderr)
         return 2
+    from actors.pool import PoolTimeout
     from rlsr_ray.data import DataError
     from rlsr_ray.models import ModelError
 
@@ -225,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ModelError) as e:
         print(f"rlsr_ray: error: {e}", file=sys.stderr)
         return 2
+    except PoolTimeout as e:
+        print(f"rlsr_ray: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     return 0
 

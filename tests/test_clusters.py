@@ -1,0 +1,50 @@
+"""Every cluster file validates against the schema shipped inside the installed ray package, and
+the GPU presets ask only for resources that some node type of their cluster carries."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+from rlsr_ray.config import load_config
+from rlsr_ray.plan import ROLES, bundle
+
+CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
+SCHEMA = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+PRESET_CLUSTER = {"gpu_a100": "a100.yaml", "gpu_hetero": "heterogeneous.yaml"}
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTERS.glob("*.yaml")), ids=lambda p: p.name)
+def test_cluster_file_matches_ray_schema(path):
+    jsonschema.validate(yaml.safe_load(path.read_text()), SCHEMA)
+
+
+def test_schema_catches_a_typo():
+    cfg = yaml.safe_load((CLUSTERS / "a100.yaml").read_text())
+    cfg["idle_timeout_minuts"] = 5
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(cfg, SCHEMA)
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTERS.glob("*.yaml")), ids=lambda p: p.name)
+def test_no_public_dashboard(path):
+    text = path.read_text()
+    assert "--dashboard-host=0.0.0.0" not in text
+    for cmd in yaml.safe_load(text)["head_start_ray_commands"]:
+        if "ray start --head" in cmd:
+            assert "--dashboard-host=127.0.0.1" in cmd
+
+
+@pytest.mark.parametrize("preset, cluster", sorted(PRESET_CLUSTER.items()))
+def test_gpu_preset_fits_its_cluster(preset, cluster):
+    cfg = load_config(preset)
+    nodes = yaml.safe_load((CLUSTERS / cluster).read_text())["available_node_types"]
+    for role in ROLES:
+        need = bundle(getattr(cfg.pools, role))
+        fits = [name for name, n in nodes.items()
+                if all(n.get("resources", {}).get(k, 0) >= v for k, v in need.items())]
+        assert fits, f"{preset}: pools.{role} asks {need}, no node type of {cluster} carries it"
