@@ -21,7 +21,8 @@ class TransformersBackend:
         # Tied embeddings may appear once; anything else missing means a mismatched model.
         missing = [k for k in missing if k != "lm_head.weight"]
         if missing or unexpected:
-            raise ValueError(f"weights do not fit the rollout model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ValueError(
+                f"weights do not fit the rollout model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Sample]]:

@@ -99,11 +99,11 @@ class LearnerActor:
     def train_step(self, minibatches: list[pa.Table], normalisers: list[float]) -> dict[str, float]:
         """One optimizer step per mini-batch; returns summed statistics over all of them."""
         eng, s = self.engine, self.s
-        eng.train()
         totals = {"tokens": 0.0, "pg_sum": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "grad_norm": 0.0}
         for table, norm in zip(minibatches, normalisers):
             table = batch.check(table, batch.TRAIN, f"learner[{self.rank}] input")
-            old = self._old_logprobs(table)
+            old = self._old_logprobs(table)  # before train(): scoring switches the module to eval
+            eng.train()
             rows = len(table)
             chunks = [(a, min(a + s.micro_batch_size, rows)) for a in range(0, rows, s.micro_batch_size)]
             if len(chunks) != s.micro_steps:

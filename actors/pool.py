@@ -66,7 +66,9 @@ class Pool:
         next_log = 0.0
         need = bundles(self.cfg)
         while True:
-            ready, _ = ray.wait([self.pg.ready()], timeout=min(5.0, max(timeout_s, 0.1)))
+            # A short first wait: a pool that is not placed at once gets its "waiting" line early.
+            poll = 1.0 if next_log == 0.0 else 5.0
+            ready, _ = ray.wait([self.pg.ready()], timeout=min(poll, max(timeout_s, 0.1)))
             if ready:
                 return
             waited = time.monotonic() - start

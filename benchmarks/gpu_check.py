@@ -148,8 +148,9 @@ def throughput(path: str, tok, prompts: int, n: int, new_tokens: int) -> dict:
     w, sync_s = timed(lambda: rollout.load_weights(lrn.export_weights(), 1))
     return {"policy": "SmolLM2-135M-shaped random Llama, bf16 autocast", "sequences": len(rolled),
             "new_tokens_max": new_tokens, "generated_tokens": gen_tokens,
-            "generate_s": gen_s, "generate_tokens_per_s": gen_tokens / gen_s, "generate_samples_per_s": len(rolled) / gen_s,
-            "reference_s": ref_s, "train_s": train_s, "train_tokens_per_s": gen_tokens / train_s, "weight_sync_s": sync_s,
+            "generate_s": gen_s, "generate_tokens_per_s": gen_tokens / gen_s,
+            "generate_samples_per_s": len(rolled) / gen_s, "reference_s": ref_s, "train_s": train_s,
+            "train_tokens_per_s": gen_tokens / train_s, "weight_sync_s": sync_s,
             "step_samples_per_s": len(rolled) / (gen_s + ref_s + train_s + sync_s)}
 
 

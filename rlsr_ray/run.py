@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,22 @@ Overrides use dotted keys, e.g. --run.steps=10 --run.output_dir=out --data.path=
 Sections: model, data, rollout, algo, train, pools.<role>, ray, run (see README, "Configuration")."""
 
 
+def running_cluster_address() -> str | None:
+    """The address `ray start` recorded on this machine, if its GCS still answers.
+
+    Ray's own address="auto" trusts the record and hangs for minutes on a cluster that died
+    without `ray stop`; a two-second TCP probe tells live from stale.
+    """
+    record = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "ray_current_cluster"
+    try:
+        address = record.read_text().strip()
+        host, _, port = address.rpartition(":")
+        socket.create_connection((host, int(port)), timeout=2.0).close()
+    except (OSError, ValueError):
+        return None
+    return address
+
+
 def connect_ray(cfg: Config) -> bool:
     """Join a cluster if one is reachable, else start a local one. Returns True if started here."""
     import ray
@@ -36,18 +54,14 @@ def connect_ray(cfg: Config) -> bool:
 
     if ray.is_initialized():
         return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
     if address:
         ray.init(address=address, log_to_driver=True)
+        log.info("joined the running Ray cluster at %s", address)
         return False
-    try:
-        ray.init(address="auto", log_to_driver=True)
-        log.info("joined the running Ray cluster")
-        return False
-    except ConnectionError:
-        pass
-    ray.init(num_cpus=local_num_cpus(cfg), include_dashboard=False, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+    # Everything on loopback: no dashboard or job API, and no port on the machine's network address.
+    ray.init(address="local", num_cpus=local_num_cpus(cfg), include_dashboard=False, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
     log.info("started a local Ray instance with %d logical CPUs", local_num_cpus(cfg))
     return True
 

@@ -23,20 +23,40 @@ WORKER_TYPES = {
 }
 
 
-@pytest.fixture
-def fake_cluster():
-    import ray
-    from ray.cluster_utils import AutoscalingCluster
+def _fake_cluster_config() -> dict:
+    """A cluster-launcher config for Ray's fake_multinode provider: nodes are local raylets."""
+    return {
+        "cluster_name": "rlsr-fake", "max_workers": 3, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "auth": {}, "docker": {}, "head_node_type": "ray.head.default",
+        "available_node_types": {"ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+                                 **WORKER_TYPES},
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+    }
 
-    cluster = AutoscalingCluster(head_resources={"CPU": 1}, worker_node_types=WORKER_TYPES,
-                                 idle_timeout_minutes=5)
-    cluster.start()  # note: `ray stop --force` first, as Ray's own fake-cluster tests do
+
+@pytest.fixture
+def fake_cluster(tmp_path):
+    import ray
+
+    config = tmp_path / "fake_cluster.json"
+    config.write_text(json.dumps(_fake_cluster_config()))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    # As in Ray's own fake-cluster tests: one cluster per machine, stopped before and after.
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    subprocess.run(["ray", "start", "--head", f"--autoscaling-config={config}", "--num-cpus=1",
+                    "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True)
     ray.init(address="auto")
     try:
         yield ray
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
 
 
 def test_pools_wait_for_autoscaler_and_run_finishes(fake_cluster, tmp_path):

@@ -37,8 +37,8 @@ def test_sampling_kwargs_sampled_and_greedy():
 
 def test_to_samples_picks_sampled_token_logprob_and_cuts_at_eos():
     eos = 2
-    comp_stop = StandInCompletion([5, 9, eos], [{5: StandInLogprob(-0.5)}, {9: StandInLogprob(-1.5), 4: StandInLogprob(-0.1)},
-                                                {eos: StandInLogprob(-0.05)}], "stop")
+    steps = [{5: StandInLogprob(-0.5)}, {9: StandInLogprob(-1.5), 4: StandInLogprob(-0.1)}, {eos: StandInLogprob(-0.05)}]
+    comp_stop = StandInCompletion([5, 9, eos], steps, "stop")
     comp_len = StandInCompletion([7, 7], [{7: StandInLogprob(-0.2)}, {7: StandInLogprob(-0.3)}], "length")
     s = to_samples(StandInRequestOutput([comp_stop, comp_len]), {eos})
     assert s[0].response_ids == [5, 9, eos] and s[0].logprobs == [-0.5, -1.5, -0.05] and s[0].finish_reason == "stop"
