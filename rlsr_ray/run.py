@@ -98,7 +98,7 @@ def build_pools(cfg: Config, policy_path: str, reward_path: str):
     learner = Pool("learner", LearnerActor, p.learner, dict(
         policy_path=policy_path, settings=settings, world_size=plan.learner_world_size,
         device=_device(p.learner), torch_threads=p.learner.torch_threads, cache_dir=cfg.model.cache_dir), **timeouts)
-    addr, port = learner.get([learner.submit("rendezvous", [()] * learner.size)[0]])[0]
+    addr, port = learner.call("rendezvous", [()] * learner.size)[0]  # rank 0's address for everyone
     setup = learner.broadcast("setup", addr, port)
     rollout = Pool("rollout", RolloutActor, p.rollout, dict(
         policy_path=policy_path, backend=r.backend, compute_dtype=cfg.model.compute_dtype,
@@ -151,9 +151,10 @@ def run(cfg: Config) -> dict[str, Any]:
 
     remote = any(getattr(cfg.pools, r).num_actors > 0 for r in ("rollout", "reward", "reference", "learner"))
     started = connect_ray(cfg) if remote else False
-    pools, plan = build_pools(cfg, policy_path, reward_path)
-    summary: dict[str, Any] = {"setup_s": time.perf_counter() - t_start}
+    pools = None
     try:
+        pools, plan = build_pools(cfg, policy_path, reward_path)
+        summary: dict[str, Any] = {"setup_s": time.perf_counter() - t_start}
         heldout = data.prompts_table(heldout_tok, list(range(len(heldout_tok.prompt_ids))), 0) \
             if heldout_tok and cfg.run.eval_before_after else None
         before = heldout_similarity(pools, heldout, cfg.run.eval_max_new_tokens) if heldout is not None else None
@@ -167,7 +168,7 @@ def run(cfg: Config) -> dict[str, Any]:
             summary["heldout"]["length_after"] = sum(after["lengths"]) / len(after["lengths"])
             (out / "heldout_eval.json").write_text(json.dumps({"before": before, "after": after}, indent=1))
     finally:
-        for p in pools.all():
+        for p in pools.all() if pools else []:
             p.shutdown()
         if started:
             import ray
