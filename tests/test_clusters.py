@@ -48,3 +48,11 @@ def test_gpu_preset_fits_its_cluster(preset, cluster):
         fits = [name for name, n in nodes.items()
                 if all(n.get("resources", {}).get(k, 0) >= v for k, v in need.items())]
         assert fits, f"{preset}: pools.{role} asks {need}, no node type of {cluster} carries it"
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTERS.glob("*.yaml")), ids=lambda p: p.name)
+def test_ssh_is_the_only_inbound_rule_and_not_open_to_the_world(path):
+    provider = yaml.safe_load(path.read_text())["provider"]
+    rules = provider["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
+    assert all(rng["CidrIp"] != "0.0.0.0/0" for r in rules for rng in r["IpRanges"])
