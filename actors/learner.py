@@ -174,19 +174,50 @@ class LearnerActor:
             out[k] = v.detach().to("cpu", dtype=torch.float32, copy=True).numpy()
         return out
 
-    def save_pretrained(self, path: str) -> str | None:
-        """Write an HF folder (safetensors + tokenizer) atomically; every rank must call it."""
+    def save_pretrained(self, path: str, trainer_state: dict | None = None) -> str | None:
+        """Write an HF folder (safetensors + tokenizer) atomically; every rank must call it.
+
+        With `trainer_state`, the folder is a resumable checkpoint: optimizer and RNG state are
+        added (ZeRO-0, where rank 0 holds the whole optimizer) and trainer_state.json last.
+        """
+        from rlsr_ray import checkpoint
+
         state = self.export_weights()
         if self.rank != 0:
             return None
         target = Path(path)
         tmp = target.with_name(target.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)  # left by a writer that died
         model = self.engine.module if self.engine is not None else self.model
         model.save_pretrained(tmp, state_dict=state_dict_to_torch(state), safe_serialization=True)
         self.tok.save_pretrained(tmp)
-        if target.exists():
-            import shutil
-
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if trainer_state is not None:
+            saved = self.s.zero_stage == 0 and self.engine is not None
+            if saved:
+                checkpoint.save_nested(self.engine.optimizer.state_dict(), tmp, "optimizer")
+            checkpoint.save_nested({"torch": torch.get_rng_state()}, tmp, "rng")
+            checkpoint.write_state(tmp, {**trainer_state, "optimizer_saved": saved})
+        checkpoint.publish(tmp, target)
         return str(target)
+
+    def load_checkpoint(self, path: str) -> dict:
+        """Restore weights, optimizer and RNG from a checkpoint written by save_pretrained."""
+        from safetensors.torch import load_file
+
+        from rlsr_ray import checkpoint
+
+        folder = Path(path)
+        state = checkpoint.read_state(folder)  # the driver has checked it is resumable (find_resume)
+        weights = {}
+        for f in sorted(folder.glob("model*.safetensors")):
+            weights.update(load_file(str(f)))
+        missing, unexpected = self.engine.module.load_state_dict(weights, strict=False)
+        if [k for k in missing if k != "lm_head.weight"] or unexpected:
+            raise checkpoint.CheckpointError(f"{folder}: weights do not fit the policy "
+                                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.engine.optimizer.load_state_dict(checkpoint.load_nested(folder, "optimizer"))
+        torch.set_rng_state(checkpoint.load_nested(folder, "rng")["torch"])
+        return state

@@ -120,6 +120,8 @@ class RunConfig:
     eval_before_after: bool = True
     eval_max_new_tokens: int = 128
     save_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk; 0 keeps all
+    resume: Optional[str] = None  # "auto": latest complete checkpoint in output_dir, or a path
     progress: bool = True
 
 

@@ -34,5 +34,18 @@ class MetricsWriter:
             self._tb.close()
 
 
+def truncate_metrics(output_dir: Path, last_step: int) -> int:
+    """Drop lines after `last_step` (written by a run that died before its next checkpoint)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    rows = read_metrics(path)
+    kept = [r for r in rows if int(r["step"]) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    tmp.replace(path)
+    return len(rows) - len(kept)
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -132,9 +132,8 @@ def prepare_data(cfg: Config, policy_path: str):
 
 def run(cfg: Config) -> dict[str, Any]:
     """Run a whole job; returns the summary also written to output_dir/summary.json."""
-    from rlsr_ray import data
+    from rlsr_ray import checkpoint, data, trainer
     from rlsr_ray.evaluate import heldout_similarity, paired_delta
-    from rlsr_ray.metrics import MetricsWriter
     from rlsr_ray.models import resolve_policy, resolve_reward_model
 
     t_start = time.perf_counter()
@@ -149,18 +148,20 @@ def run(cfg: Config) -> dict[str, Any]:
     log.info("data: %d training prompts, %d held out (%d truncated, %d dropped)", len(train_tok.prompt_ids),
              len(heldout_tok.prompt_ids) if heldout_tok else 0, train_tok.truncated, train_tok.dropped)
 
+    found = trainer.find_resume(cfg, out, policy_path)
     remote = any(getattr(cfg.pools, r).num_actors > 0 for r in ("rollout", "reward", "reference", "learner"))
     started = connect_ray(cfg) if remote else False
     pools = None
     try:
         pools, plan = build_pools(cfg, policy_path, reward_path)
-        summary: dict[str, Any] = {"setup_s": time.perf_counter() - t_start}
+        resume = trainer.restore(cfg, pools, out, found)
+        summary: dict[str, Any] = {"setup_s": time.perf_counter() - t_start, "resumed_from_step": resume.step}
         heldout = data.prompts_table(heldout_tok, list(range(len(heldout_tok.prompt_ids))), 0) \
             if heldout_tok and cfg.run.eval_before_after else None
-        before = heldout_similarity(pools, heldout, cfg.run.eval_max_new_tokens) if heldout is not None else None
-        rows = train_loop(cfg, pools, plan, train_tok, out, MetricsWriter(out))
-        checkpoint = save_checkpoint(pools, out / "checkpoints" / f"step_{cfg.run.steps}")
-        summary.update(throughput(rows), final_checkpoint=checkpoint)
+        before = trainer.baseline_eval(pools, heldout, cfg.run.eval_max_new_tokens, out) \
+            if heldout is not None else None
+        rows = trainer.train_loop(cfg, pools, plan, train_tok, out, resume, policy_path)
+        summary.update(trainer.throughput(rows), final_checkpoint=str(checkpoint.step_dir(out, cfg.run.steps)))
         if before is not None:
             after = heldout_similarity(pools, heldout, cfg.run.eval_max_new_tokens)
             summary["heldout"] = paired_delta(before["similarity"], after["similarity"])
@@ -179,47 +180,6 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def train_loop(cfg: Config, pools, plan, train_tok, out: Path, writer) -> list[dict[str, Any]]:
-    from tqdm import tqdm
-
-    from rlsr_ray import data
-    from rlsr_ray.loop import rlsr_step
-
-    cursor = data.PromptCursor(train_tok, cfg.run.seed)
-    P = cfg.train.prompts_per_step
-    rows = []
-    bar = tqdm(range(cfg.run.steps), desc="rlsr", unit="step", disable=not cfg.run.progress, file=sys.stderr)
-    try:
-        for step in bar:
-            prompts = data.prompts_table(train_tok, cursor.next_indices(P), first_group_id=step * P)
-            row = rlsr_step(cfg, pools, plan, prompts, step)
-            row["prompts_truncated"], row["prompts_dropped"] = train_tok.truncated, train_tok.dropped
-            writer.write(row)
-            rows.append(row)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}",
-                            len=f"{row['response_length_mean']:.0f}")
-            if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.run.steps:
-                save_checkpoint(pools, out / "checkpoints" / f"step_{step + 1}")
-    finally:
-        writer.close()
-    return rows
-
-
-def save_checkpoint(pools, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return pools.learner.call("save_pretrained", [(str(path),)] * pools.learner.size)[0]
-
-
-def throughput(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    if not rows:
-        return {"steps": 0}
-    keys = ["rollout_s", "reward_s", "reference_s", "score_wall_s", "train_s", "weight_sync_s", "step_s"]
-    totals = {k: sum(r[k] for r in rows) for k in keys}
-    samples = sum(r["samples"] for r in rows)
-    return {"steps": len(rows), "samples": samples, "samples_per_s": samples / totals["step_s"],
-            "time_split_s": totals}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -235,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlsr_ray: error: {e}", file=sys.stderr)
         return 2
     from actors.pool import PoolTimeout
+    from rlsr_ray.checkpoint import CheckpointError
     from rlsr_ray.data import DataError
     from rlsr_ray.models import ModelError
 
     try:
         summary = run(cfg)
-    except (DataError, ModelError) as e:
+    except (DataError, ModelError, CheckpointError) as e:
         print(f"rlsr_ray: error: {e}", file=sys.stderr)
         return 2
     except PoolTimeout as e:

@@ -99,7 +99,7 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "rlsr_ray: error: unknown config key 'run.stepz'; known keys here: steps, output_dir, seed, "
-        "eval_before_after, eval_max_new_tokens, save_every, progress"]
+        "eval_before_after, eval_max_new_tokens, save_every, keep_checkpoints, resume, progress"]
 
 
 def test_bad_data_file_is_one_line_and_exit_2(tmp_path):

@@ -1,0 +1,125 @@
+"""The training run around the step: resume, the step loop, checkpoints and their retention.
+
+A resumed run continues exactly where its last complete checkpoint left off: the learners reload
+weights, optimizer and RNG state, the rollout actors receive those weights under the saved policy
+version, the data cursor continues from its saved position, step seeds derive from the step
+number, and metrics.jsonl lines written after that checkpoint are dropped so every step appears
+once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlsr_ray import checkpoint, data
+from rlsr_ray.config import Config
+from rlsr_ray.loop import Pools, rlsr_step, sync_weights
+from rlsr_ray.metrics import MetricsWriter, truncate_metrics
+from rlsr_ray.plan import StepPlan
+
+log = logging.getLogger("rlsr_ray")
+
+
+@dataclass
+class Resume:
+    step: int = 0  # steps already done
+    cursor: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "position": 0})
+
+
+def find_resume(cfg: Config, out: Path, policy_path: str) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint run.resume points to, checked before any actor starts (fail fast)."""
+    folder = checkpoint.resolve_resume(cfg.run.resume, out)
+    if folder is None:
+        return None
+    state = checkpoint.read_state(folder)
+    if state["reference_policy"] != policy_path:
+        raise checkpoint.CheckpointError(
+            f"{folder}: trained against reference {state['reference_policy']!r}, but model.policy resolves to "
+            f"{policy_path!r}")
+    if not state.get("optimizer_saved"):
+        raise checkpoint.CheckpointError(
+            f"{folder}: written without optimizer state (train.zero_stage > 0); exact resume needs "
+            "train.zero_stage=0")
+    return folder, state
+
+
+def restore(cfg: Config, pools: Pools, out: Path, found: tuple[Path, dict[str, Any]] | None) -> Resume:
+    """Load a checkpoint found by find_resume into the pools; returns where to go on."""
+    if found is None:
+        if cfg.run.resume == "auto":
+            log.info("run.resume=auto: no complete checkpoint in %s, starting fresh", out)
+        elif checkpoint.complete_checkpoints(out):
+            log.warning("%s holds checkpoints of an earlier run; --run.resume=auto continues it", out)
+        # A fresh run owns its output dir: no metrics or baseline of an earlier run carry over.
+        truncate_metrics(out, 0)
+        (out / "heldout_before.json").unlink(missing_ok=True)
+        return Resume()
+    folder, state = found
+    pools.learner.call("load_checkpoint", [(str(folder),)] * pools.learner.size)
+    sync_weights(pools, int(state["policy_version"]))
+    dropped = truncate_metrics(out, int(state["step"]))
+    log.info("resumed from %s at step %d (%d metrics lines after it dropped)", folder, state["step"], dropped)
+    return Resume(int(state["step"]), dict(state["cursor"]))
+
+
+def baseline_eval(pools: Pools, heldout, max_new_tokens: int, out: Path) -> dict[str, Any]:
+    """The 'before' evaluation, computed once per output dir so a resumed run compares with it."""
+    from rlsr_ray.evaluate import heldout_similarity
+
+    path = out / "heldout_before.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    before = heldout_similarity(pools, heldout, max_new_tokens)
+    path.write_text(json.dumps(before))
+    return before
+
+
+def save_checkpoint(pools: Pools, out: Path, step: int, cursor: data.PromptCursor, policy_path: str,
+                    keep: int) -> str:
+    path = checkpoint.step_dir(out, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "policy_version": step, "cursor": cursor.state(), "reference_policy": policy_path}
+    saved = pools.learner.call("save_pretrained", [(str(path), state)] * pools.learner.size)[0]
+    checkpoint.prune(out, keep)
+    return saved
+
+
+def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, resume: Resume,
+               policy_path: str) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    cursor = data.PromptCursor(train_tok, cfg.run.seed, **resume.cursor)
+    P = cfg.train.prompts_per_step
+    rows: list[dict[str, Any]] = []
+    writer = MetricsWriter(out)
+    bar = tqdm(range(resume.step, cfg.run.steps), desc="rlsr", unit="step", initial=resume.step,
+               total=cfg.run.steps, disable=not cfg.run.progress, file=sys.stderr)
+    try:
+        for step in bar:
+            prompts = data.prompts_table(train_tok, cursor.next_indices(P), first_group_id=step * P)
+            row = rlsr_step(cfg, pools, plan, prompts, step)
+            row["prompts_truncated"], row["prompts_dropped"] = train_tok.truncated, train_tok.dropped
+            writer.write(row)
+            rows.append(row)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}",
+                            len=f"{row['response_length_mean']:.0f}")
+            last = step + 1 == cfg.run.steps
+            if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                save_checkpoint(pools, out, step + 1, cursor, policy_path, cfg.run.keep_checkpoints)
+    finally:
+        writer.close()
+    return rows
+
+
+def throughput(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if not rows:
+        return {"steps": 0}
+    keys = ["rollout_s", "reward_s", "reference_s", "score_wall_s", "train_s", "weight_sync_s", "step_s"]
+    totals = {k: sum(r[k] for r in rows) for k in keys}
+    samples = sum(r["samples"] for r in rows)
+    return {"steps": len(rows), "samples": samples, "samples_per_s": samples / totals["step_s"],
+            "time_split_s": totals}

@@ -1,0 +1,76 @@
+"""Kill the driver mid-run, resume with --run.resume=auto, and match an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["tiny", "--run.steps=4", "--run.save_every=1", "--run.keep_checkpoints=2"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+COMPARED = ("loss", "pg_loss", "kl", "reward_mean", "reward_std", "similarity_mean", "clip_fraction",
+            "response_length_mean", "grad_norm", "policy_version")
+
+
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlsr_ray.run", *ARGS, f"--run.output_dir={out}", *extra],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_driver_resumes_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    assert _run(straight).returncode == 0
+
+    killed = tmp_path / "killed"
+    # Own session: SIGKILL reaches the driver and the Ray processes it started, as when a node dies.
+    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *ARGS, f"--run.output_dir={killed}"],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = killed / "checkpoints" / "step_2" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run never reached its second checkpoint"
+    assert not (killed / "checkpoints" / "step_4").exists()
+
+    resumed = _run(killed, "--run.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a, b = _rows(straight), _rows(killed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]  # every step exactly once
+    for ra, rb in zip(a, b):
+        for k in COMPARED:
+            assert rb[k] == pytest.approx(ra[k], abs=1e-6), (ra["step"], k)
+    kept = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert kept == ["step_3", "step_4"]  # retention: the newest two
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
+    out = tmp_path / "fresh"
+    proc = _run(out, "--run.resume=auto", "--run.steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no complete checkpoint" in proc.stderr
+    assert [r["step"] for r in _rows(out)] == [1]
+
+
+def test_partial_checkpoint_is_rejected_in_one_line(tmp_path):
+    out = tmp_path / "partial"
+    bad = out / "checkpoints" / "step_3"
+    bad.mkdir(parents=True)
+    (bad / "trainer_state.json").write_text('{"format": 1, "step": 3}')
+    proc = _run(out, f"--run.resume={bad}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"rlsr_ray: error: {bad / 'trainer_state.json'}: missing field 'policy_version'"
