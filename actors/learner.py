@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -53,6 +54,7 @@ class LearnerActor:
         self.tok = load_tokenizer(policy_path)
         self.model = load_causal_lm(policy_path, device)
         self.engine = None
+        self._bad_minibatch = ""  # why the current mini-batch will not be applied, if it will not
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0 hands out the address every learner connects to."""
@@ -99,7 +101,9 @@ class LearnerActor:
     def train_step(self, minibatches: list[pa.Table], normalisers: list[float]) -> dict[str, float]:
         """One optimizer step per mini-batch; returns summed statistics over all of them."""
         eng, s = self.engine, self.s
-        totals = {"tokens": 0.0, "pg_sum": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "grad_norm": 0.0}
+        totals = {"tokens": 0.0, "pg_sum": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "grad_norm": 0.0,
+                  "skipped": 0.0}
+        reasons = []
         for table, norm in zip(minibatches, normalisers):
             table = batch.check(table, batch.TRAIN, f"learner[{self.rank}] input")
             old = self._old_logprobs(table)  # before train(): scoring switches the module to eval
@@ -111,8 +115,12 @@ class LearnerActor:
                                  f"planned {s.micro_steps}")
             for i, (a, b) in enumerate(chunks):
                 stats = self._micro_step(table.slice(a, b - a), old[a:b], norm, last=i == len(chunks) - 1)
-                for k in ("tokens", "pg_sum", "kl_sum", "clipped_sum", "grad_norm"):
-                    totals[k] += stats.get(k, 0.0)
+                for k in ("tokens", "pg_sum", "kl_sum", "clipped_sum", "grad_norm", "skipped"):
+                    value = stats.get(k, 0.0)
+                    totals[k] += value if np.isfinite(value) else 0.0  # a skipped batch's NaNs stay out
+                if "skip_reason" in stats:
+                    reasons.append(stats["skip_reason"])
+        totals["skip_reasons"] = reasons
         return totals
 
     def _micro_step(self, t: pa.Table, old: list, normaliser: float, last: bool) -> dict[str, float]:
@@ -131,15 +139,55 @@ class LearnerActor:
         adv = torch.tensor(t.column("advantage").to_numpy(), dtype=torch.float32, device=d)
         loss, stats = rlsr_loss(logp, padded(old), padded(t.column("ref_logprobs").to_pylist()), adv,
                                 pb.response_mask, self.s.loss, normaliser)
-        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        # A non-finite loss must never reach the weights. Every rank takes the same decision, so
+        # the gradient collectives inside backward() stay matched across the group.
+        if self._on_any_rank(not bool(torch.isfinite(loss))):
+            self._bad_minibatch = "non-finite loss"
+        if not self._bad_minibatch:
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        if not last:
+            self.engine.step()  # counts the micro-step; the update happens at the boundary
+            return stats
         # Pre-clipping gradient norm of the mini-batch: DeepSpeed records it during step() under
-        # ZeRO >= 1 only; with ZeRO-0 every rank holds full gradients, so compute it here.
-        norm = self._full_grad_norm() if last and self.s.zero_stage == 0 else None
-        self.engine.step()  # applies the update only at the accumulation boundary
-        if last:
-            value = norm if norm is not None else self.engine.get_global_grad_norm()
-            stats["grad_norm"] = float(value) if value is not None else float("nan")
+        # ZeRO >= 1 only; with ZeRO-0 every rank holds full (already averaged) gradients.
+        norm = self._full_grad_norm() if self.s.zero_stage == 0 and not self._bad_minibatch else None
+        if norm is not None and not np.isfinite(norm):
+            self._bad_minibatch = "non-finite gradient"
+        if self._bad_minibatch:
+            stats["skipped"], stats["skip_reason"] = 1.0, self._bad_minibatch
+            self._step_without_update()
+            return stats
+        self.engine.step()
+        value = norm if norm is not None else self.engine.get_global_grad_norm()
+        stats["grad_norm"] = float(value) if value is not None else float("nan")
         return stats
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _step_without_update(self) -> None:
+        """Close the accumulation window without touching the weights: zero gradients, lr 0.
+
+        DeepSpeed's step() must still run to keep its micro-step bookkeeping aligned; with zero
+        gradients and lr 0 AdamW leaves every weight as it was (its moments decay by one step).
+        """
+        for p in self.engine.module.parameters():
+            if p.requires_grad:  # zeros, not None: DeepSpeed's clipping needs gradients to exist
+                p.grad = torch.zeros_like(p)
+        groups = self.engine.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = 0.0
+        self.engine.step()
+        for g, lr in zip(groups, saved):
+            g["lr"] = lr
+        self._bad_minibatch = ""
 
     def _full_grad_norm(self) -> float:
         grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]

@@ -101,7 +101,9 @@ def _check_invariants(table: pa.Table, where: str) -> None:
         bad = set(table.column("finish_reason").to_pylist()) - {"stop", "length"}
         if bad:
             raise BatchError(f"{where}: finish_reason must be 'stop' or 'length', got {sorted(bad)}")
-    for col in ("reward", "similarity", "advantage"):
+    # Non-finite rewards are the driver's to handle (it skips the step and says why); a
+    # non-finite advantage can only come from a bug, so it stops the batch here.
+    for col in ("advantage",):
         if col in names:
             vals = table.column(col).to_numpy()
             if not np.all(np.isfinite(vals)):

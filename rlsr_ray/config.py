@@ -310,3 +310,8 @@ def validate(cfg: Config) -> None:
         need(t.mini_batch_prompts * r.samples_per_prompt >= cfg.pools.learner.num_actors,
              "train.mini_batch_prompts", "a mini-batch needs at least one sequence per learner",
              t.mini_batch_prompts)
+    need(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", "must be >= 0", cfg.run.keep_checkpoints)
+    need(cfg.run.save_every >= 0, "run.save_every", "must be >= 0", cfg.run.save_every)
+    from rlsr_ray.plan import step_plan  # the batch arithmetic must work out (uneven learner splits)
+
+    step_plan(cfg)

@@ -7,6 +7,7 @@ back against the Arrow contract, joins by key, and times each phase for metrics.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from rlsr_ray import batch
 from rlsr_ray.config import Config
 from rlsr_ray.grpo import group_advantages
 from rlsr_ray.plan import StepPlan
+
+log = logging.getLogger("rlsr_ray")
 
 
 @dataclass
@@ -102,13 +105,19 @@ def minibatch_shards(train: pa.Table, plan: StepPlan, aggregation: str
 def train(pools: Pools, train_table: pa.Table, plan: StepPlan, aggregation: str) -> dict[str, float]:
     shards, norms = minibatch_shards(train_table, plan, aggregation)
     stats = pools.learner.call("train_step", [(s, norms) for s in shards])
-    tot = {k: sum(s[k] for s in stats) for k in stats[0]}
+    tot = {k: sum(s[k] for s in stats) for k in ("tokens", "pg_sum", "kl_sum", "clipped_sum")}
     tokens = max(tot["tokens"], 1.0)
+    skipped = int(stats[0]["skipped"])  # every rank skips the same mini-batches
+    if skipped:
+        log.warning("%d of %d mini-batches not applied: %s", skipped, plan.minibatches_per_step,
+                    ", ".join(stats[0]["skip_reasons"]))
+    applied = max(plan.minibatches_per_step - skipped, 1)
     return {
         "pg_loss": tot["pg_sum"] / tokens,
         "kl": tot["kl_sum"] / tokens,
         "clip_fraction": tot["clipped_sum"] / tokens,
-        "grad_norm": stats[0]["grad_norm"] / plan.minibatches_per_step,
+        "grad_norm": stats[0]["grad_norm"] / applied,
+        "skipped_minibatches": skipped,
     }
 
 
@@ -124,13 +133,23 @@ def sync_weights(pools: Pools, version: int) -> None:
     pools.learner.get(exported, "export_weights")
 
 
+def nonfinite_reason(rewards: pa.Table) -> str | None:
+    """Why a step must be skipped (NaN/inf rewards or similarities), or None."""
+    for col in ("reward", "similarity"):
+        bad = int(np.sum(~np.isfinite(rewards.column(col).to_numpy())))
+        if bad:
+            return f"{bad} non-finite value(s) in {col}"
+    return None
+
+
 def rollout_summary(rollouts: pa.Table, rewards: pa.Table) -> dict[str, float]:
+    # nan-aware: a skipped step still reports what its finite samples looked like
     r = rewards.column("reward").to_numpy()
     lengths = pc.list_value_length(rollouts.column("response_ids")).to_numpy()
     return {
-        "reward_mean": float(np.mean(r)),
-        "reward_std": float(np.std(r)),
-        "similarity_mean": float(np.mean(rewards.column("similarity").to_numpy())),
+        "reward_mean": float(np.nanmean(r)),
+        "reward_std": float(np.nanstd(r)),
+        "similarity_mean": float(np.nanmean(rewards.column("similarity").to_numpy())),
         "lcs_penalty_rate": float(np.mean(rewards.column("lcs_penalized").to_numpy(zero_copy_only=False))),
         "response_length_mean": float(np.mean(lengths)),
         "stop_rate": float(np.mean(np.array(rollouts.column("finish_reason").to_pylist()) == "stop")),
@@ -148,6 +167,12 @@ def rlsr_step(cfg: Config, pools: Pools, plan: StepPlan, prompts: pa.Table, step
     t_gen = time.perf_counter()
     rewards, ref, timing = score_and_reference(pools, rollouts)
     t_score = time.perf_counter()
+    reason = nonfinite_reason(rewards)
+    if reason:  # skipped, never applied: no training, no weight sync, the policy version stays
+        log.warning("step %d skipped: %s", step + 1, reason)
+        row = {"step": step + 1, "skipped": reason, **rollout_summary(rollouts, rewards),
+               "rollout_s": t_gen - t0, "step_s": time.perf_counter() - t0, "samples": len(rollouts)}
+        return row
     train_table = build_train_table(rollouts, rewards, ref, cfg.algo.advantage_std_norm)
     train_stats = train(pools, train_table, plan, cfg.algo.loss_aggregation)
     t_train = time.perf_counter()

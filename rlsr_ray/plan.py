@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rlsr_ray.config import Config, PoolConfig
+from rlsr_ray.config import Config, ConfigError, PoolConfig
 
 ROLES = ("rollout", "reward", "reference", "learner")
 
@@ -65,7 +65,7 @@ def step_plan(cfg: Config) -> StepPlan:
     world = max(1, cfg.pools.learner.num_actors)
     rows_mb = t.mini_batch_prompts * n
     if rows_mb % world:
-        raise ValueError(
+        raise ConfigError(
             f"train.mini_batch_prompts x rollout.samples_per_prompt = {rows_mb} sequences must divide "
             f"evenly over {world} learners"
         )

@@ -138,17 +138,18 @@ def run(cfg: Config) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     out = Path(cfg.run.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
 
+    # Every input is checked before anything is written or started: bad input leaves no trace.
     policy_path = resolve_policy(cfg.model.policy, cfg.model.cache_dir)
     reward_path = resolve_reward_model(cfg.model.reward_model)
     train_tok, heldout_tok = prepare_data(cfg, policy_path)
     log.info("data: %d training prompts, %d held out (%d truncated, %d dropped)", len(train_tok.prompt_ids),
              len(heldout_tok.prompt_ids) if heldout_tok else 0, train_tok.truncated, train_tok.dropped)
-
     found = trainer.find_resume(cfg, out, policy_path)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     remote = any(getattr(cfg.pools, r).num_actors > 0 for r in ("rollout", "reward", "reference", "learner"))
     started = connect_ray(cfg) if remote else False
     pools = None

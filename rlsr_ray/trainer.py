@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.pool import PoolTimeout
 from rlsr_ray import checkpoint, data
 from rlsr_ray.config import Config
 from rlsr_ray.loop import Pools, rlsr_step, sync_weights
@@ -101,11 +102,14 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
     try:
         for step in bar:
             prompts = data.prompts_table(train_tok, cursor.next_indices(P), first_group_id=step * P)
-            row = rlsr_step(cfg, pools, plan, prompts, step)
+            try:
+                row = rlsr_step(cfg, pools, plan, prompts, step)
+            except PoolTimeout as e:  # the pool and ranks are in the message; add the step
+                raise PoolTimeout(f"step {step + 1}: {e}") from None
             row["prompts_truncated"], row["prompts_dropped"] = train_tok.truncated, train_tok.dropped
             writer.write(row)
             rows.append(row)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}",
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row.get('kl', float('nan')):.4f}",
                             len=f"{row['response_length_mean']:.0f}")
             last = step + 1 == cfg.run.steps
             if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
@@ -119,7 +123,7 @@ def throughput(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if not rows:
         return {"steps": 0}
     keys = ["rollout_s", "reward_s", "reference_s", "score_wall_s", "train_s", "weight_sync_s", "step_s"]
-    totals = {k: sum(r[k] for r in rows) for k in keys}
+    totals = {k: sum(r.get(k, 0.0) for r in rows) for k in keys}  # skipped steps time only rollout
     samples = sum(r["samples"] for r in rows)
     return {"steps": len(rows), "samples": samples, "samples_per_s": samples / totals["step_s"],
             "time_split_s": totals}

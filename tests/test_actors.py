@@ -176,3 +176,24 @@ def test_recomputed_old_logprobs_match_rollout_at_step_zero(tiny_policy, prompts
                                atol=2e-4)
     stats = lrn.train_step([train], [float(sum(len(x) for x in old))])
     assert stats["clipped_sum"] == 0.0  # first update is on-policy: ratios are 1
+
+
+def test_non_finite_loss_is_never_applied(tiny_policy, prompts, reward, rollout):
+    train = _train_table(tiny_policy, rollout, reward, prompts)
+    norm = float(sum(len(x) for x in train.column("response_ids").to_pylist()))
+    lps = train.column("rollout_logprobs").to_pylist()
+    lps[3] = [float("nan")] * len(lps[3])  # an old log-prob gone bad poisons the ratio, hence the loss
+    idx = train.schema.get_field_index("rollout_logprobs")
+    poisoned = train.set_column(idx, batch.TRAIN.field("rollout_logprobs"), pa.array(lps, pa.list_(pa.float32())))
+    lrn = learner(tiny_policy, settings(micro_batch_size=8, micro_steps=2))
+    w0 = {k: v.copy() for k, v in lrn.export_weights().items()}
+    stats = lrn.train_step([poisoned], [norm])
+    assert stats["skipped"] == 1 and stats["skip_reasons"] == ["non-finite loss"]
+    w1 = lrn.export_weights()
+    for k in w0:
+        np.testing.assert_array_equal(w0[k], w1[k])
+    stats = lrn.train_step([train], [norm])  # the next good mini-batch trains normally
+    assert stats["skipped"] == 0 and np.isfinite(stats["grad_norm"])
+    w2 = lrn.export_weights()
+    assert max(np.abs(w2[k] - w1[k]).max() for k in w0) > 1e-5
+    assert all(np.isfinite(v).all() for v in w2.values())

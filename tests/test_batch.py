@@ -46,12 +46,16 @@ def test_logprob_length_mismatch_names_row():
         batch.check(rollouts(bad_logprob_row=2), batch.ROLLOUTS, "rollouts")
 
 
-def test_nan_reward_rejected():
-    t = pa.table({"group_id": pa.array([0], pa.int64()), "sample_idx": pa.array([0], pa.int32()),
-                  "reward": pa.array([np.nan], pa.float32()), "similarity": pa.array([0.1], pa.float32()),
-                  "lcs_chars": pa.array([0], pa.int32()), "lcs_penalized": pa.array([False])})
+def test_nan_advantage_rejected():
+    t = rollouts(2)
+    extra = {"reward": pa.array([0.1, 0.2], pa.float32()), "similarity": pa.array([0.1, 0.2], pa.float32()),
+             "lcs_chars": pa.array([0, 0], pa.int32()), "lcs_penalized": pa.array([False, False]),
+             "ref_logprobs": pa.array([[-0.1, -0.2]] * 2, pa.list_(pa.float32())),
+             "advantage": pa.array([np.nan, 0.0], pa.float32())}
+    for name, col in extra.items():
+        t = t.append_column(name, col)
     with pytest.raises(batch.BatchError, match="NaN"):
-        batch.check(t, batch.REWARDS, "rewards")
+        batch.check(t, batch.TRAIN, "train")
 
 
 def test_not_a_table_rejected():
@@ -82,3 +86,16 @@ def test_split_is_contiguous_and_complete():
     parts = batch.split(t, 3)
     assert [len(p) for p in parts] == [3, 2, 2]
     assert pa.concat_tables(parts).equals(t)
+
+
+def test_nonfinite_rewards_name_the_reason():
+    from rlsr_ray.loop import nonfinite_reason
+
+    def rewards(values):
+        n = len(values)
+        return pa.table({"group_id": pa.array(range(n), pa.int64()), "sample_idx": pa.array([0] * n, pa.int32()),
+                         "reward": pa.array(values, pa.float32()), "similarity": pa.array([0.5] * n, pa.float32()),
+                         "lcs_chars": pa.array([0] * n, pa.int32()), "lcs_penalized": pa.array([False] * n)})
+
+    assert nonfinite_reason(rewards([0.1, 0.2])) is None
+    assert nonfinite_reason(rewards([0.1, np.nan, np.inf])) == "2 non-finite value(s) in reward"

@@ -1,6 +1,6 @@
 import pytest
 
-from rlsr_ray.config import load_config
+from rlsr_ray.config import ConfigError, load_config
 from rlsr_ray.plan import bundle, bundles, local_num_cpus, step_plan, total_resources
 
 
@@ -36,8 +36,7 @@ def test_step_plan_arithmetic(prompts, mini, n, micro, learners, expect):
     assert plan.learner_world_size == learners
 
 
-def test_uneven_learner_split_is_rejected():
-    cfg = load_config("tiny", ["--train.mini_batch_prompts=1", "--train.prompts_per_step=1",
-                               "--rollout.samples_per_prompt=3", "--pools.learner.num_actors=2"])
-    with pytest.raises(ValueError, match="divide evenly over 2 learners"):
-        step_plan(cfg)
+def test_uneven_learner_split_is_rejected_when_loading():
+    with pytest.raises(ConfigError, match="divide evenly over 2 learners"):
+        load_config("tiny", ["--train.mini_batch_prompts=1", "--train.prompts_per_step=1",
+                             "--rollout.samples_per_prompt=3", "--pools.learner.num_actors=2"])
