@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
 
 from rlsr_ray.config import PoolConfig
 from rlsr_ray.plan import bundles
@@ -23,15 +23,23 @@ class PoolTimeout(TimeoutError):
     pass
 
 
+class ActorFailure(RuntimeError):
+    """An actor of a pool died during a call (and Ray did not, or could not, recover it)."""
+
+    def __init__(self, role: str, message: str):
+        super().__init__(message)
+        self.role = role
+
+
 class Pool:
     def __init__(self, role: str, cls: type, cfg: PoolConfig, kwargs: dict[str, Any],
-                 placement_timeout_s: float = 600.0, call_timeout_s: float = 3600.0,
-                 per_rank_kwargs: Callable[[int], dict[str, Any]] | None = None):
+                 placement_timeout_s: float = 600.0, call_timeout_s: float = 3600.0, ray_restarts: bool = True):
+        """ray_restarts=False: a dead actor stays dead and the driver rebuilds the pool itself
+        (learners: their process group and optimizer state cannot be restored by a bare restart)."""
         self.role, self.cfg, self.call_timeout_s = role, cfg, call_timeout_s
         self.remote = cfg.num_actors > 0
-        extra = per_rank_kwargs or (lambda rank: {})
         if not self.remote:
-            self.actors = [cls(**kwargs, **extra(0), rank=0)]
+            self.actors = [cls(**kwargs, rank=0)]
             self.pg = None
             return
         import ray
@@ -42,17 +50,20 @@ class Pool:
         self._wait_placement(placement_timeout_s)
         remote_cls = ray.remote(cls)
         env = {**WORKER_ENV, "OMP_NUM_THREADS": str(cfg.torch_threads)}
+        restarts = cfg.max_restarts if ray_restarts else 0
         self.actors = []
         for rank in range(cfg.num_actors):
             b = bundles(cfg)[rank]
             opts = dict(
                 num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0),
                 resources={k: v for k, v in b.items() if k not in ("CPU", "GPU")},
-                max_restarts=cfg.max_restarts, runtime_env={"env_vars": env},
+                # A restarted actor re-runs __init__ and Ray re-sends the interrupted call to it;
+                # the driver re-syncs weights where a restart lost them (loop.generate).
+                max_restarts=restarts, max_task_retries=restarts, runtime_env={"env_vars": env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
                 name=None,
             )
-            self.actors.append(remote_cls.options(**opts).remote(**kwargs, **extra(rank), rank=rank))
+            self.actors.append(remote_cls.options(**opts).remote(**kwargs, rank=rank))
 
     @property
     def size(self) -> int:
@@ -105,7 +116,11 @@ class Pool:
             ranks = [i for i, r in enumerate(results) if r in pending]
             raise PoolTimeout(f"pool {self.role}: actor rank(s) {ranks} did not finish {what} within "
                               f"{self.call_timeout_s:.0f}s (ray.call_timeout_s)")
-        return ray.get(results)
+        try:
+            return ray.get(results)
+        except ray.exceptions.RayActorError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ActorFailure(self.role, f"pool {self.role}: an actor died during {what}: {first}") from e
 
     def call(self, method: str, per_actor_args: list[tuple]) -> list[Any]:
         return self.get(self.submit(method, per_actor_args), method)

@@ -1,6 +1,8 @@
 """Reference role: ROLLOUTS -> REF_LOGPROBS under the frozen initial policy."""
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 
 from rlsr_ray import batch
@@ -17,6 +19,8 @@ class ReferenceActor:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.pad_id = load_tokenizer(policy_path).pad_token_id
+        # Printed to the driver's log: a second line for one rank means Ray restarted this actor.
+        print(f"reference actor {rank} ready (pid {os.getpid()})", flush=True)
 
     def logprobs(self, rollouts: pa.Table) -> pa.Table:
         rollouts = batch.check(rollouts, batch.ROLLOUTS, f"reference[{self.rank}] input")

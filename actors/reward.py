@@ -1,6 +1,8 @@
 """Reward role: ROLLOUTS -> REWARDS, sentence-transformers embeddings + the copy penalty."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 
@@ -18,6 +20,8 @@ class RewardActor:
         self.rank, self.rule, self.batch_size = rank, rule, batch_size
         self.model = SentenceTransformer(model_path, device=device)
         self._ref_cache: dict[str, np.ndarray] = {}  # references repeat n times per step and every epoch
+        # Printed to the driver's log: a second line for one rank means Ray restarted this actor.
+        print(f"reward actor {rank} ready (pid {os.getpid()})", flush=True)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         return self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)

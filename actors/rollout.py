@@ -1,6 +1,8 @@
 """Rollout role: PROMPTS -> ROLLOUTS with the current policy weights, tagged with their version."""
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 
 from actors.sampling import RolloutBackend, SamplingSpec
@@ -26,6 +28,8 @@ class RolloutActor:
             from actors.hf_backend import TransformersBackend
 
             self.backend = TransformersBackend(policy_path, self.tok, compute_dtype, device, generate_batch_size)
+        # Printed to the driver's log: a second line for one rank means Ray restarted this actor.
+        print(f"rollout actor {rank} ready (pid {os.getpid()}, policy version 0)", flush=True)
 
     def generate(self, prompts: pa.Table, spec: SamplingSpec) -> pa.Table:
         prompts = batch.check(prompts, batch.PROMPTS, f"rollout[{self.rank}] input")

@@ -33,6 +33,8 @@ class Pools:
     reference: Pool
     learner: Pool
 
+    policy_version: int = 0  # the version every rollout actor should hold (set by sync_weights)
+
     def all(self) -> list[Pool]:
         return [self.rollout, self.reward, self.reference, self.learner]
 
@@ -47,9 +49,18 @@ def _put(pool: Pool, tables: list[pa.Table]) -> list[Any]:
 
 
 def generate(pools: Pools, prompts: pa.Table, spec: SamplingSpec) -> pa.Table:
-    shards = batch.split(prompts, pools.rollout.size)
-    outs = pools.rollout.call("generate", [(s, spec) for s in _put(pools.rollout, shards)])
+    shards = _put(pools.rollout, batch.split(prompts, pools.rollout.size))
+    outs = pools.rollout.call("generate", [(s, spec) for s in shards])
     table = pa.concat_tables([batch.check(t, batch.ROLLOUTS, "rollouts") for t in outs])
+    stale = pc.min(table.column("policy_version")).as_py() if len(table) else pools.policy_version
+    if stale != pools.policy_version:
+        # A rollout actor restarted (Ray re-ran __init__: initial weights) and Ray retried the
+        # call on it. Give every actor the current weights, then generate this step again.
+        log.warning("rollout actor came back with policy version %s instead of %d: re-syncing weights and "
+                    "regenerating", stale, pools.policy_version)
+        sync_weights(pools, pools.policy_version)
+        outs = pools.rollout.call("generate", [(s, spec) for s in shards])
+        table = pa.concat_tables([batch.check(t, batch.ROLLOUTS, "rollouts") for t in outs])
     if len(table) != len(prompts) * spec.n:
         raise batch.BatchError(f"rollouts: expected {len(prompts) * spec.n} rows, got {len(table)}")
     return table
@@ -131,6 +142,7 @@ def sync_weights(pools: Pools, version: int) -> None:
         weights = _put(pools.rollout, [weights])[0]  # put once, not once per rollout actor
     pools.rollout.get(pools.rollout.broadcast("load_weights", weights, version), "load_weights")
     pools.learner.get(exported, "export_weights")
+    pools.policy_version = version
 
 
 def nonfinite_reason(rewards: pa.Table) -> str | None:

@@ -72,48 +72,65 @@ def _device(pool) -> str:
     return "cuda" if pool.num_gpus > 0 else "cpu"
 
 
-def build_pools(cfg: Config, policy_path: str, reward_path: str):
+def start_learners(cfg: Config, policy_path: str):
+    """Create the learner pool and start its DeepSpeed setup; returns (pool, pending setup)."""
     from actors.learner import LearnerActor, LearnerSettings
     from actors.pool import Pool
-    from actors.reference import ReferenceActor
-    from actors.reward import RewardActor
-    from actors.rollout import RolloutActor
-    from rlsr_ray.loop import Pools
     from rlsr_ray.loss import LossSettings
     from rlsr_ray.plan import step_plan
-    from rlsr_ray.reward import PenaltyRule
 
-    p, r, a, t = cfg.pools, cfg.rollout, cfg.algo, cfg.train
-    timeouts = dict(placement_timeout_s=cfg.ray.placement_timeout_s, call_timeout_s=cfg.ray.call_timeout_s)
-    temperature = r.temperature if r.temperature > 0 else 1.0
+    p, a, t = cfg.pools.learner, cfg.algo, cfg.train
     plan = step_plan(cfg)
     settings = LearnerSettings(
         lr=t.lr, adam_betas=t.adam_betas, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
         zero_stage=t.zero_stage, micro_batch_size=t.micro_batch_size, micro_steps=plan.micro_steps,
         loss=LossSettings(a.clip_eps, a.kl_coef, a.kl_estimator, a.loss_aggregation),
-        temperature=temperature, compute_dtype=cfg.model.compute_dtype,
+        temperature=_temperature(cfg), compute_dtype=cfg.model.compute_dtype,
         recompute_old_logprobs=a.recompute_old_logprobs, seed=cfg.run.seed,
     )
-    # Learners first: they are the largest, and their rendezvous can proceed while others load.
-    learner = Pool("learner", LearnerActor, p.learner, dict(
+    # No Ray restarts: a learner group is rebuilt whole and reloaded from a checkpoint (trainer.py).
+    learner = Pool("learner", LearnerActor, p, dict(
         policy_path=policy_path, settings=settings, world_size=plan.learner_world_size,
-        device=_device(p.learner), torch_threads=p.learner.torch_threads, cache_dir=cfg.model.cache_dir), **timeouts)
+        device=_device(p), torch_threads=p.torch_threads, cache_dir=cfg.model.cache_dir),
+        ray_restarts=False, **_timeouts(cfg))
     addr, port = learner.call("rendezvous", [()] * learner.size)[0]  # rank 0's address for everyone
-    setup = learner.broadcast("setup", addr, port)
+    return learner, learner.broadcast("setup", addr, port)
+
+
+def _temperature(cfg: Config) -> float:
+    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+
+
+def _timeouts(cfg: Config) -> dict[str, float]:
+    return dict(placement_timeout_s=cfg.ray.placement_timeout_s, call_timeout_s=cfg.ray.call_timeout_s)
+
+
+def build_pools(cfg: Config, policy_path: str, reward_path: str):
+    from actors.pool import Pool
+    from actors.reference import ReferenceActor
+    from actors.reward import RewardActor
+    from actors.rollout import RolloutActor
+    from rlsr_ray.loop import Pools
+    from rlsr_ray.plan import step_plan
+    from rlsr_ray.reward import PenaltyRule
+
+    p, r, a, t = cfg.pools, cfg.rollout, cfg.algo, cfg.train
+    # Learners first: they are the largest, and their setup proceeds while the others load.
+    learner, setup = start_learners(cfg, policy_path)
     rollout = Pool("rollout", RolloutActor, p.rollout, dict(
         policy_path=policy_path, backend=r.backend, compute_dtype=cfg.model.compute_dtype,
         device=_device(p.rollout), torch_threads=p.rollout.torch_threads,
         generate_batch_size=r.generate_batch_size, vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization),
-        **timeouts)
+        **_timeouts(cfg))
     reward = Pool("reward", RewardActor, p.reward, dict(
         model_path=reward_path, rule=PenaltyRule(a.lcs_min_chars, a.lcs_min_fraction, a.lcs_penalty),
-        device=_device(p.reward), torch_threads=p.reward.torch_threads), **timeouts)
+        device=_device(p.reward), torch_threads=p.reward.torch_threads), **_timeouts(cfg))
     reference = Pool("reference", ReferenceActor, p.reference, dict(
         policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=_device(p.reference),
         torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
-        temperature=temperature), **timeouts)
+        temperature=_temperature(cfg)), **_timeouts(cfg))
     learner.get(setup, "setup")
-    return Pools(rollout, reward, reference, learner), plan
+    return Pools(rollout, reward, reference, learner), step_plan(cfg)
 
 
 def prepare_data(cfg: Config, policy_path: str):
@@ -161,7 +178,12 @@ def run(cfg: Config) -> dict[str, Any]:
             if heldout_tok and cfg.run.eval_before_after else None
         before = trainer.baseline_eval(pools, heldout, cfg.run.eval_max_new_tokens, out) \
             if heldout is not None else None
-        rows = trainer.train_loop(cfg, pools, plan, train_tok, out, resume, policy_path)
+        def rebuild_learners():
+            learner, setup = start_learners(cfg, policy_path)
+            learner.get(setup, "setup")
+            return learner
+
+        rows = trainer.train_loop(cfg, pools, plan, train_tok, out, resume, policy_path, rebuild_learners)
         summary.update(trainer.throughput(rows), final_checkpoint=str(checkpoint.step_dir(out, cfg.run.steps)))
         if before is not None:
             after = heldout_similarity(pools, heldout, cfg.run.eval_max_new_tokens)

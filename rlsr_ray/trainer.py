@@ -13,9 +13,9 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from actors.pool import PoolTimeout
+from actors.pool import ActorFailure, PoolTimeout
 from rlsr_ray import checkpoint, data
 from rlsr_ray.config import Config
 from rlsr_ray.loop import Pools, rlsr_step, sync_weights
@@ -34,8 +34,11 @@ class Resume:
 def find_resume(cfg: Config, out: Path, policy_path: str) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint run.resume points to, checked before any actor starts (fail fast)."""
     folder = checkpoint.resolve_resume(cfg.run.resume, out)
-    if folder is None:
-        return None
+    return None if folder is None else (folder, resumable(folder, policy_path))
+
+
+def resumable(folder: Path, policy_path: str) -> dict[str, Any]:
+    """The checkpoint's trainer state, if training can go on from it exactly; else CheckpointError."""
     state = checkpoint.read_state(folder)
     if state["reference_policy"] != policy_path:
         raise checkpoint.CheckpointError(
@@ -45,7 +48,7 @@ def find_resume(cfg: Config, out: Path, policy_path: str) -> tuple[Path, dict[st
         raise checkpoint.CheckpointError(
             f"{folder}: written without optimizer state (train.zero_stage > 0); exact resume needs "
             "train.zero_stage=0")
-    return folder, state
+    return state
 
 
 def restore(cfg: Config, pools: Pools, out: Path, found: tuple[Path, dict[str, Any]] | None) -> Resume:
@@ -90,33 +93,69 @@ def save_checkpoint(pools: Pools, out: Path, step: int, cursor: data.PromptCurso
 
 
 def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, resume: Resume,
-               policy_path: str) -> list[dict[str, Any]]:
+               policy_path: str, rebuild_learners: Callable[[], Any]) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     cursor = data.PromptCursor(train_tok, cfg.run.seed, **resume.cursor)
     P = cfg.train.prompts_per_step
     rows: list[dict[str, Any]] = []
     writer = MetricsWriter(out)
-    bar = tqdm(range(resume.step, cfg.run.steps), desc="rlsr", unit="step", initial=resume.step,
-               total=cfg.run.steps, disable=not cfg.run.progress, file=sys.stderr)
+    bar = tqdm(desc="rlsr", unit="step", initial=resume.step, total=cfg.run.steps, disable=not cfg.run.progress,
+               file=sys.stderr)
+    step, rebuilds = resume.step, 0
     try:
-        for step in bar:
+        while step < cfg.run.steps:
             prompts = data.prompts_table(train_tok, cursor.next_indices(P), first_group_id=step * P)
             try:
                 row = rlsr_step(cfg, pools, plan, prompts, step)
+                row["prompts_truncated"], row["prompts_dropped"] = train_tok.truncated, train_tok.dropped
+                # The row goes first: a checkpoint on disk never runs ahead of metrics.jsonl.
+                writer.write(row)
+                rows.append(row)
+                if step + 1 == cfg.run.steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                    save_checkpoint(pools, out, step + 1, cursor, policy_path, cfg.run.keep_checkpoints)
             except PoolTimeout as e:  # the pool and ranks are in the message; add the step
                 raise PoolTimeout(f"step {step + 1}: {e}") from None
-            row["prompts_truncated"], row["prompts_dropped"] = train_tok.truncated, train_tok.dropped
-            writer.write(row)
-            rows.append(row)
+            except ActorFailure as e:
+                if e.role != "learner" or rebuilds >= cfg.pools.learner.max_restarts:
+                    raise
+                rebuilds += 1
+                writer.close()
+                step, cursor = recover_learners(cfg, pools, out, train_tok, policy_path, rebuild_learners,
+                                                f"step {step + 1}: {e}")
+                rows = [r for r in rows if r["step"] <= step]
+                writer = MetricsWriter(out)
+                bar.n = step
+                continue
+            step += 1
+            bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row.get('kl', float('nan')):.4f}",
                             len=f"{row['response_length_mean']:.0f}")
-            last = step + 1 == cfg.run.steps
-            if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                save_checkpoint(pools, out, step + 1, cursor, policy_path, cfg.run.keep_checkpoints)
     finally:
         writer.close()
+        bar.close()
     return rows
+
+
+def recover_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_path: str,
+                     rebuild: Callable[[], Any], what: str) -> tuple[int, data.PromptCursor]:
+    """Replace a learner group that lost an actor: new actors, the newest checkpoint (or the
+    initial weights), those weights to the rollout pool. Steps after that checkpoint run again;
+    their metrics lines are dropped, so each step is recorded once."""
+    log.warning("%s; rebuilding the learner pool and restoring the newest checkpoint", what)
+    pools.learner.shutdown()
+    pools.learner = rebuild()
+    folder = checkpoint.latest(out)
+    step, cursor_state = 0, {"epoch": 0, "position": 0}
+    if folder is not None:
+        state = resumable(folder, policy_path)
+        pools.learner.call("load_checkpoint", [(str(folder),)] * pools.learner.size)
+        step, cursor_state = int(state["step"]), dict(state["cursor"])
+    sync_weights(pools, step)
+    truncate_metrics(out, step)
+    log.warning("learners restored to step %d from %s; training goes on from there", step,
+                folder or "the initial weights")
+    return step, data.PromptCursor(train_tok, cfg.run.seed, **cursor_state)
 
 
 def throughput(rows: list[dict[str, Any]]) -> dict[str, Any]:
