@@ -44,8 +44,9 @@ def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest(output_dir: Path) -> Path | None:
-    found = complete_checkpoints(output_dir)
+def latest(output_dir: Path, at_most: int | None = None) -> Path | None:
+    """The newest complete checkpoint, optionally no later than step `at_most`."""
+    found = [(s, p) for s, p in complete_checkpoints(output_dir) if at_most is None or s <= at_most]
     return found[-1][1] if found else None
 
 

@@ -122,7 +122,7 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
                 rebuilds += 1
                 writer.close()
                 step, cursor = recover_learners(cfg, pools, out, train_tok, policy_path, rebuild_learners,
-                                                f"step {step + 1}: {e}")
+                                                step + 1, str(e))
                 rows = [r for r in rows if r["step"] <= step]
                 writer = MetricsWriter(out)
                 bar.n = step
@@ -138,14 +138,15 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
 
 
 def recover_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_path: str,
-                     rebuild: Callable[[], Any], what: str) -> tuple[int, data.PromptCursor]:
+                     rebuild: Callable[[], Any], failed_step: int, what: str) -> tuple[int, data.PromptCursor]:
     """Replace a learner group that lost an actor: new actors, the newest checkpoint (or the
     initial weights), those weights to the rollout pool. Steps after that checkpoint run again;
     their metrics lines are dropped, so each step is recorded once."""
-    log.warning("%s; rebuilding the learner pool and restoring the newest checkpoint", what)
+    log.warning("step %d: %s; rebuilding the learner pool and restoring the newest checkpoint", failed_step, what)
     pools.learner.shutdown()
     pools.learner = rebuild()
-    folder = checkpoint.latest(out)
+    # Never a checkpoint from beyond this run's progress (an earlier run may have left some).
+    folder = checkpoint.latest(out, at_most=failed_step)
     step, cursor_state = 0, {"epoch": 0, "position": 0}
     if folder is not None:
         state = resumable(folder, policy_path)

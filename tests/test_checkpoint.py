@@ -92,3 +92,10 @@ def test_truncate_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in range(1, 6)))
     assert truncate_metrics(tmp_path, 3) == 2
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_latest_at_most(tmp_path):
+    for s in (2, 5, 9):
+        _fake_checkpoint(tmp_path, s)
+    assert checkpoint.latest(tmp_path, at_most=6).name == "step_5"
+    assert checkpoint.latest(tmp_path, at_most=1) is None
