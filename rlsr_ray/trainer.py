@@ -63,11 +63,18 @@ def restore(cfg: Config, pools: Pools, out: Path, found: tuple[Path, dict[str, A
         (out / "heldout_before.json").unlink(missing_ok=True)
         return Resume()
     folder, state = found
-    pools.learner.call("load_checkpoint", [(str(folder),)] * pools.learner.size)
-    sync_weights(pools, int(state["policy_version"]))
-    dropped = truncate_metrics(out, int(state["step"]))
+    dropped = _load_into_pools(pools, out, folder, state)
     log.info("resumed from %s at step %d (%d metrics lines after it dropped)", folder, state["step"], dropped)
     return Resume(int(state["step"]), dict(state["cursor"]))
+
+
+def _load_into_pools(pools: Pools, out: Path, folder: Path | None, state: dict[str, Any]) -> int:
+    """Learners load the checkpoint (None: keep their initial weights), rollout actors get those
+    weights, and metrics lines after its step are dropped; returns how many were dropped."""
+    if folder is not None:
+        pools.learner.call("load_checkpoint", [(str(folder),)] * pools.learner.size)
+    sync_weights(pools, int(state["policy_version"]))
+    return truncate_metrics(out, int(state["step"]))
 
 
 def baseline_eval(pools: Pools, heldout, max_new_tokens: int, out: Path) -> dict[str, Any]:
@@ -147,13 +154,10 @@ def recover_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_pat
     pools.learner = rebuild()
     # Never a checkpoint from beyond this run's progress (an earlier run may have left some).
     folder = checkpoint.latest(out, at_most=failed_step)
-    step, cursor_state = 0, {"epoch": 0, "position": 0}
-    if folder is not None:
-        state = resumable(folder, policy_path)
-        pools.learner.call("load_checkpoint", [(str(folder),)] * pools.learner.size)
-        step, cursor_state = int(state["step"]), dict(state["cursor"])
-    sync_weights(pools, step)
-    truncate_metrics(out, step)
+    state = resumable(folder, policy_path) if folder is not None else \
+        {"step": 0, "policy_version": 0, "cursor": {"epoch": 0, "position": 0}}
+    _load_into_pools(pools, out, folder, state)
+    step, cursor_state = int(state["step"]), dict(state["cursor"])
     log.warning("learners restored to step %d from %s; training goes on from there", step,
                 folder or "the initial weights")
     return step, data.PromptCursor(train_tok, cfg.run.seed, **cursor_state)
