@@ -86,7 +86,8 @@ class LearnerActor:
             "gradient_clipping": s.grad_clip,
             "zero_optimization": {"stage": s.zero_stage},
             "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": cuda and s.compute_dtype == "bfloat16"},
+            # check_grad_overflow: under ZeRO >= 1 a non-finite gradient norm skips the update.
+            "bf16": {"enabled": cuda and s.compute_dtype == "bfloat16", "check_grad_overflow": True},
             "steps_per_print": 10**9,
         }
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=s.adam_betas,
@@ -145,12 +146,17 @@ class LearnerActor:
             self._bad_minibatch = "non-finite loss"
         if not self._bad_minibatch:
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        elif self.s.zero_stage > 0:
+            # ZeRO >= 1 discards a step whose gradient norm is not finite (its overflow path:
+            # gradients cleared, optimizer untouched). A NaN gradient sends a bad mini-batch there.
+            self.engine.backward(logp.sum() * float("nan"), scale_wrt_gas=False)
         if not last:
             self.engine.step()  # counts the micro-step; the update happens at the boundary
             return stats
-        # Pre-clipping gradient norm of the mini-batch: DeepSpeed records it during step() under
-        # ZeRO >= 1 only; with ZeRO-0 every rank holds full (already averaged) gradients.
-        norm = self._full_grad_norm() if self.s.zero_stage == 0 and not self._bad_minibatch else None
+        if self.s.zero_stage > 0:
+            return self._zero_boundary_step(stats)
+        # ZeRO-0: every rank holds full (already averaged) gradients; the pre-clipping norm decides.
+        norm = self._full_grad_norm() if not self._bad_minibatch else None
         if norm is not None and not np.isfinite(norm):
             self._bad_minibatch = "non-finite gradient"
         if self._bad_minibatch:
@@ -158,7 +164,16 @@ class LearnerActor:
             self._step_without_update()
             return stats
         self.engine.step()
-        value = norm if norm is not None else self.engine.get_global_grad_norm()
+        stats["grad_norm"] = norm
+        return stats
+
+    def _zero_boundary_step(self, stats: dict) -> dict:
+        self.engine.step()
+        if self.engine.optimizer.overflow:  # DeepSpeed skipped the update (non-finite gradient norm)
+            stats["skipped"], stats["skip_reason"] = 1.0, self._bad_minibatch or "non-finite gradient"
+            self._bad_minibatch = ""
+            return stats
+        value = self.engine.get_global_grad_norm()  # pre-clipping norm, recorded during step()
         stats["grad_norm"] = float(value) if value is not None else float("nan")
         return stats
 
@@ -172,7 +187,7 @@ class LearnerActor:
         return bool(t.item() > 0)
 
     def _step_without_update(self) -> None:
-        """Close the accumulation window without touching the weights: zero gradients, lr 0.
+        """ZeRO-0: close the accumulation window without touching the weights: zero gradients, lr 0.
 
         DeepSpeed's step() must still run to keep its micro-step bookkeeping aligned; with zero
         gradients and lr 0 AdamW leaves every weight as it was (its moments decay by one step).
@@ -225,31 +240,59 @@ class LearnerActor:
     def save_pretrained(self, path: str, trainer_state: dict | None = None) -> str | None:
         """Write an HF folder (safetensors + tokenizer) atomically; every rank must call it.
 
-        With `trainer_state`, the folder is a resumable checkpoint: optimizer and RNG state are
-        added (ZeRO-0, where rank 0 holds the whole optimizer) and trainer_state.json last.
+        With `trainer_state`, the folder is a resumable checkpoint: optimizer state (ZeRO-0: one
+        copy, since every rank holds all of it; ZeRO >= 1: one shard per rank), RNG state, and
+        trainer_state.json last.
         """
+        import shutil
+
         from rlsr_ray import checkpoint
 
         state = self.export_weights()
-        if self.rank != 0:
-            return None
         target = Path(path)
         tmp = target.with_name(target.name + ".tmp")
-        if tmp.exists():
-            import shutil
-
+        if self.rank == 0 and tmp.exists():
             shutil.rmtree(tmp)  # left by a writer that died
+        layout = checkpoint.optimizer_layout(self.s.zero_stage, self.world_size)
+        names = checkpoint.optimizer_names(layout)
+        if trainer_state is not None and self.s.zero_stage > 0:
+            # Each rank writes its own partition into the folder rank 0 publishes (as DeepSpeed
+            # does), so no rank ever holds the whole optimizer; learners on several nodes
+            # therefore need run.output_dir on shared storage.
+            if self.rank == 0:
+                tmp.mkdir(parents=True)
+            self._barrier()
+            checkpoint.save_nested(self._zero_optimizer_state(), tmp, names[self.rank])
+            self._barrier()
+        if self.rank != 0:
+            return None
         model = self.engine.module if self.engine is not None else self.model
         model.save_pretrained(tmp, state_dict=state_dict_to_torch(state), safe_serialization=True)
         self.tok.save_pretrained(tmp)
         if trainer_state is not None:
-            saved = self.s.zero_stage == 0 and self.engine is not None
-            if saved:
-                checkpoint.save_nested(self.engine.optimizer.state_dict(), tmp, "optimizer")
+            if self.s.zero_stage == 0:
+                checkpoint.save_nested(self.engine.optimizer.state_dict(), tmp, names[0])
             checkpoint.save_nested({"torch": torch.get_rng_state()}, tmp, "rng")
-            checkpoint.write_state(tmp, {**trainer_state, "optimizer_saved": saved})
+            checkpoint.write_state(tmp, {**trainer_state, "optimizer": layout})
         checkpoint.publish(tmp, target)
         return str(target)
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _zero_optimizer_state(self) -> dict:
+        """This rank's ZeRO optimizer state (base AdamW state + fp32 master partition), minus the
+        objects JSON cannot hold (loss scaler, parameter-fragment maps). Those describe the static
+        layout, so load_checkpoint takes them from the live optimizer instead."""
+        from rlsr_ray import checkpoint
+
+        sd = self.engine.optimizer.state_dict()
+        if getattr(sd.get("loss_scaler"), "dynamic", False):  # fp16 only, which no preset enables
+            raise RuntimeError("dynamic loss-scaler state cannot be checkpointed")
+        return {k: v for k, v in sd.items() if checkpoint.storable(v)}
 
     def load_checkpoint(self, path: str) -> dict:
         """Restore weights, optimizer and RNG from a checkpoint written by save_pretrained."""
@@ -259,13 +302,28 @@ class LearnerActor:
 
         folder = Path(path)
         state = checkpoint.read_state(folder)  # the driver has checked it is resumable (find_resume)
-        weights = {}
-        for f in sorted(folder.glob("model*.safetensors")):
-            weights.update(load_file(str(f)))
-        missing, unexpected = self.engine.module.load_state_dict(weights, strict=False)
-        if [k for k in missing if k != "lm_head.weight"] or unexpected:
-            raise checkpoint.CheckpointError(f"{folder}: weights do not fit the policy "
-                                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.engine.optimizer.load_state_dict(checkpoint.load_nested(folder, "optimizer"))
+        layout = checkpoint.optimizer_layout(self.s.zero_stage, self.world_size)
+        if state["optimizer"] != layout:
+            raise checkpoint.CheckpointError(f"{folder}: optimizer layout {state['optimizer']} is not this "
+                                             f"learner group's {layout}")
+        names = checkpoint.optimizer_names(layout)
+        if self.s.zero_stage < 3:  # ZeRO-3 partitions parameters: they come back from the fp32 shards
+            weights = {}
+            for f in sorted(folder.glob("model*.safetensors")):
+                weights.update(load_file(str(f)))
+            missing, unexpected = self.engine.module.load_state_dict(weights, strict=False)
+            if [k for k in missing if k != "lm_head.weight"] or unexpected:
+                raise checkpoint.CheckpointError(f"{folder}: weights do not fit the policy "
+                                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if self.s.zero_stage == 0:
+            self.engine.optimizer.load_state_dict(checkpoint.load_nested(folder, names[0]))
+        else:
+            saved = checkpoint.load_nested(folder, names[self.rank])
+            live = self.engine.optimizer.state_dict()
+            full = {**{k: v for k, v in live.items() if not checkpoint.storable(v)}, **saved}
+            per_rank = [full if r == self.rank else None for r in range(self.world_size)]
+            # fp32 master weights come from the shard (exact), not re-derived from bf16 weights.
+            self.engine.optimizer.load_state_dict(per_rank, load_optimizer_states=True,
+                                                  load_from_fp32_weights=True)
         torch.set_rng_state(checkpoint.load_nested(folder, "rng")["torch"])
         return state

@@ -107,20 +107,69 @@ class Pool:
         return self.submit(method, [args] * len(self.actors))
 
     def get(self, results: list[Any], what: str = "") -> list[Any]:
+        """Values of one call on every actor. Fails as soon as any actor fails, rather than when
+        the slowest finishes: survivors of a group whose peer died may sit in a collective."""
         if not self.remote:
             return results
         import ray
 
-        ready, pending = ray.wait(results, num_returns=len(results), timeout=self.call_timeout_s)
-        if pending:
-            ranks = [i for i, r in enumerate(results) if r in pending]
-            raise PoolTimeout(f"pool {self.role}: actor rank(s) {ranks} did not finish {what} within "
-                              f"{self.call_timeout_s:.0f}s (ray.call_timeout_s)")
-        try:
-            return ray.get(results)
-        except ray.exceptions.RayActorError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ActorFailure(self.role, f"pool {self.role}: an actor died during {what}: {first}") from e
+        deadline = time.monotonic() + self.call_timeout_s
+        pending = list(results)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                ranks = [i for i, r in enumerate(results) if r in pending]
+                raise PoolTimeout(f"pool {self.role}: actor rank(s) {ranks} did not finish {what} within "
+                                  f"{self.call_timeout_s:.0f}s (ray.call_timeout_s)")
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                self._settle(pending)
+                raise self._failure(results.index(ready[0]), what, e) from e
+            except ray.exceptions.RayTaskError as e:
+                # A collective torn by a peer's death reaches the survivors as a task error, often
+                # before the death itself is reported: that death is the failure, if there is one.
+                dead = self._dead_peer(results, ready[0])
+                if dead is None:
+                    raise
+                raise self._failure(dead[0], what, dead[1]) from e
+        return ray.get(results)
+
+    @staticmethod
+    def _settle(refs: list[Any], grace_s: float = 5.0) -> None:
+        """Collect what the other actors of a failed call return soon (a survivor's torn-collective
+        error), so Ray does not print it later as an unhandled error; they are about to be replaced."""
+        import ray
+
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=grace_s) if refs else ([], [])
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                pass
+
+    def _failure(self, rank: int, what: str, error: BaseException) -> ActorFailure:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return ActorFailure(self.role, f"pool {self.role}: actor rank {rank} died during {what}: {first}")
+
+    def _dead_peer(self, results: list[Any], failed: Any, grace_s: float = 30.0):
+        """(rank, error) of an actor in this call that died, waiting up to grace_s for Ray to say so."""
+        import ray
+
+        others = [r for r in results if r is not failed]
+        deadline = time.monotonic() + grace_s
+        while others:
+            ready, others = ray.wait(others, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                self._settle(others)
+                return results.index(ready[0]), e
+            except ray.exceptions.RayTaskError:
+                continue
+        return None
 
     def call(self, method: str, per_actor_args: list[tuple]) -> list[Any]:
         return self.get(self.submit(method, per_actor_args), method)

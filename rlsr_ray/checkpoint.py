@@ -2,7 +2,9 @@
 
     output_dir/checkpoints/step_N/
         model.safetensors, config.json, tokenizer*   an HF folder: loads with plain transformers
-        optimizer.safetensors + optimizer.json        optimizer state: tensors + a JSON skeleton
+        optimizer.safetensors + optimizer.json        ZeRO-0 optimizer state: tensors + a JSON skeleton
+        optimizer_rank{r}.safetensors + .json         ZeRO >= 1: rank r's optimizer partition
+        rng.safetensors + rng.json                    torch RNG state
         trainer_state.json                            step, policy version, data cursor, reference
 
 A checkpoint is written under step_N.tmp and renamed when complete, so a directory named step_N is
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 STATE_FILE = "trainer_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -83,20 +85,35 @@ def read_state(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder}: not a complete checkpoint (no {STATE_FILE})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt ({e})") from None
-    for key in ("format", "step", "policy_version", "cursor", "reference_policy"):
+    for key in ("format", "step", "policy_version", "cursor", "reference_policy", "optimizer"):
         if key not in state:
             raise CheckpointError(f"{path}: missing field {key!r}")
     if state["format"] != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format {state['format']} is not {FORMAT_VERSION}")
+    layout = state["optimizer"]
+    if not (isinstance(layout, dict) and layout.get("zero_stage") in (0, 1, 2, 3)
+            and isinstance(layout.get("shards"), int) and layout["shards"] >= 1):
+        raise CheckpointError(f"{path}: field 'optimizer' is malformed ({layout!r})")
     needed = ["config.json", "rng.safetensors", "rng.json"]
-    if state.get("optimizer_saved"):
-        needed += ["optimizer.safetensors", "optimizer.json"]
+    needed += [f"{name}.{ext}" for name in optimizer_names(layout) for ext in ("safetensors", "json")]
     for name in needed:
         if not (Path(folder) / name).is_file():
             raise CheckpointError(f"{folder}: partial checkpoint, {name} is missing")
     if not list(Path(folder).glob("model*.safetensors")):
         raise CheckpointError(f"{folder}: partial checkpoint, no model*.safetensors")
     return state
+
+
+def optimizer_layout(zero_stage: int, world_size: int) -> dict[str, int]:
+    """How optimizer state is split: ZeRO-0 ranks hold identical copies (one is stored), ZeRO >= 1
+    partitions it across the learner group (a shard per rank, loadable by the same layout only)."""
+    return {"zero_stage": zero_stage, "shards": world_size if zero_stage > 0 else 1}
+
+
+def optimizer_names(layout: dict[str, int]) -> list[str]:
+    if layout["zero_stage"] == 0:
+        return ["optimizer"]
+    return [f"optimizer_rank{r}" for r in range(layout["shards"])]
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
@@ -128,6 +145,17 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> An
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def storable(obj: Any) -> bool:
+    """Whether flatten() can hold obj (checked without copying any tensor)."""
+    if isinstance(obj, torch.Tensor) or obj is None or isinstance(obj, (bool, int, float, str)):
+        return True
+    if isinstance(obj, dict):
+        return all(storable(k) and storable(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(storable(v) for v in obj)
+    return False
 
 
 def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -34,20 +34,23 @@ class Resume:
 def find_resume(cfg: Config, out: Path, policy_path: str) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint run.resume points to, checked before any actor starts (fail fast)."""
     folder = checkpoint.resolve_resume(cfg.run.resume, out)
-    return None if folder is None else (folder, resumable(folder, policy_path))
+    return None if folder is None else (folder, resumable(cfg, folder, policy_path))
 
 
-def resumable(folder: Path, policy_path: str) -> dict[str, Any]:
+def resumable(cfg: Config, folder: Path, policy_path: str) -> dict[str, Any]:
     """The checkpoint's trainer state, if training can go on from it exactly; else CheckpointError."""
     state = checkpoint.read_state(folder)
     if state["reference_policy"] != policy_path:
         raise checkpoint.CheckpointError(
             f"{folder}: trained against reference {state['reference_policy']!r}, but model.policy resolves to "
             f"{policy_path!r}")
-    if not state.get("optimizer_saved"):
+    saved = state["optimizer"]
+    wanted = checkpoint.optimizer_layout(cfg.train.zero_stage, cfg.pools.learner.num_actors)
+    if saved != wanted:
         raise checkpoint.CheckpointError(
-            f"{folder}: written without optimizer state (train.zero_stage > 0); exact resume needs "
-            "train.zero_stage=0")
+            f"{folder}: optimizer state is ZeRO-{saved['zero_stage']} in {saved['shards']} shard(s), but this run "
+            f"has train.zero_stage={cfg.train.zero_stage} and pools.learner.num_actors="
+            f"{cfg.pools.learner.num_actors}; resume with the settings that wrote it")
     return state
 
 
@@ -154,7 +157,7 @@ def recover_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_pat
     pools.learner = rebuild()
     # Never a checkpoint from beyond this run's progress (an earlier run may have left some).
     folder = checkpoint.latest(out, at_most=failed_step)
-    state = resumable(folder, policy_path) if folder is not None else \
+    state = resumable(cfg, folder, policy_path) if folder is not None else \
         {"step": 0, "policy_version": 0, "cursor": {"epoch": 0, "position": 0}}
     _load_into_pools(pools, out, folder, state)
     step, cursor_state = int(state["step"]), dict(state["cursor"])

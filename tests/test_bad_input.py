@@ -4,6 +4,7 @@ every check happens before)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -127,13 +128,41 @@ def _checkpoint_dir(tmp_path, state_text: str | None):
 @pytest.mark.parametrize("state_text, fragment", [
     (None, "not a complete checkpoint"),
     ("{broken", "corrupt"),
-    (json.dumps({"format": 1, "step": 2, "policy_version": 2, "cursor": {}, "reference_policy": "x",
-                 "optimizer_saved": True}), "partial checkpoint"),
+    (json.dumps({"format": 2, "step": 2, "policy_version": 2, "cursor": {}, "reference_policy": "x",
+                 "optimizer": {"zero_stage": 0, "shards": 1}}), "partial checkpoint"),
 ])
 def test_bad_checkpoint(state_text, fragment, tmp_path, capsys):
     d = _checkpoint_dir(tmp_path, state_text)
     code, errors, _ = run_main(["tiny", f"--run.output_dir={tmp_path / 'out'}", f"--run.resume={d}"], capsys)
     assert code == 2 and len(errors) == 1 and fragment in errors[0] and str(d) in errors[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoints"]  # nothing new written
+
+
+def _whole_checkpoint(tmp_path, reference: str, layout: dict):
+    from rlsr_ray import checkpoint
+
+    d = _checkpoint_dir(tmp_path, None)
+    names = ["config.json", "model.safetensors", "rng.safetensors", "rng.json"]
+    names += [f"{n}.{e}" for n in checkpoint.optimizer_names(layout) for e in ("safetensors", "json")]
+    for name in names:
+        (d / name).write_text("{}")
+    checkpoint.write_state(d, {"step": 2, "policy_version": 2, "cursor": {"epoch": 0, "position": 8},
+                               "reference_policy": reference, "optimizer": layout})
+    return d
+
+
+def test_checkpoint_of_another_reference(tmp_path, capsys):
+    d = _whole_checkpoint(tmp_path, "/elsewhere/model", {"zero_stage": 0, "shards": 1})
+    code, errors, _ = run_main(["tiny", f"--run.output_dir={tmp_path / 'out'}", f"--run.resume={d}"], capsys)
+    assert code == 2 and len(errors) == 1 and "trained against reference '/elsewhere/model'" in errors[0]
+
+
+def test_checkpoint_of_another_learner_layout(tiny_policy, tmp_path, capsys):
+    d = _whole_checkpoint(tmp_path, tiny_policy, {"zero_stage": 2, "shards": 2})
+    code, errors, _ = run_main(["tiny", f"--run.output_dir={tmp_path / 'out'}", f"--run.resume={d}",
+                                f"--model.cache_dir={os.path.dirname(tiny_policy)}"], capsys)
+    assert code == 2 and len(errors) == 1, errors
+    assert "optimizer state is ZeRO-2 in 2 shard(s), but this run has train.zero_stage=0" in errors[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoints"]  # nothing new written
 
 

@@ -38,8 +38,25 @@ def _fake_checkpoint(root, step, complete=True):
         (d / name).write_text("{}")
     if complete:
         checkpoint.write_state(d, {"step": step, "policy_version": step, "cursor": {"epoch": 0, "position": 0},
-                                   "reference_policy": "p", "optimizer_saved": True})
+                                   "reference_policy": "p", "optimizer": {"zero_stage": 0, "shards": 1}})
     return d
+
+
+def _rewrite_state(d, **fields):
+    state = json.loads((d / "trainer_state.json").read_text())
+    (d / "trainer_state.json").write_text(json.dumps({**state, **fields}))
+
+
+def test_optimizer_names_follow_the_zero_layout():
+    assert checkpoint.optimizer_names(checkpoint.optimizer_layout(0, 4)) == ["optimizer"]
+    assert checkpoint.optimizer_names(checkpoint.optimizer_layout(2, 2)) == ["optimizer_rank0", "optimizer_rank1"]
+
+
+def test_storable_matches_flatten():
+    assert checkpoint.storable({"a": [torch.ones(2), (1, "x", None)], 3: 1.5})
+    assert not checkpoint.storable({"a": [object()]})
+    with pytest.raises(TypeError):
+        checkpoint.flatten({"a": [object()]}, {})
 
 
 def test_latest_ignores_partial_and_temp_dirs_and_prune_keeps_newest(tmp_path):
@@ -71,7 +88,10 @@ def test_resolve_resume(tmp_path):
     (lambda d: (d / "model.safetensors").unlink(), "no model"),
     (lambda d: (d / "optimizer.json").unlink(), "optimizer.json is missing"),
     (lambda d: (d / "trainer_state.json").write_text(json.dumps(
-        {"format": 99, "step": 1, "policy_version": 1, "cursor": {}, "reference_policy": "p"})), "format 99"),
+        {"format": 99, "step": 1, "policy_version": 1, "cursor": {}, "reference_policy": "p", "optimizer": {}})),
+     "format 99"),
+    (lambda d: _rewrite_state(d, optimizer={"zero_stage": 2, "shards": 0}), "field 'optimizer' is malformed"),
+    (lambda d: _rewrite_state(d, optimizer={"zero_stage": 2, "shards": 2}), "optimizer_rank0.safetensors is missing"),
 ])
 def test_damaged_checkpoints_fail_with_one_line(tmp_path, damage, message):
     d = _fake_checkpoint(tmp_path, 1)

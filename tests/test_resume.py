@@ -19,6 +19,11 @@ COMPARED = ("loss", "pg_loss", "kl", "reward_mean", "reward_std", "similarity_me
             "response_length_mean", "grad_norm", "policy_version")
 
 
+# ZeRO-0 keeps one optimizer copy; ZeRO-3 over two learners stores a partition per rank and
+# restores parameters from them.
+LAYOUTS = {"zero0": [], "zero3x2": ["--train.zero_stage=3", "--pools.learner.num_actors=2"]}
+
+
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rlsr_ray.run", *ARGS, f"--run.output_dir={out}", *extra],
                           env=ENV, capture_output=True, text=True, timeout=600)
@@ -28,13 +33,15 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_killed_driver_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_killed_driver_resumes_exactly(tmp_path, layout):
+    extra = LAYOUTS[layout]
     straight = tmp_path / "straight"
-    assert _run(straight).returncode == 0
+    assert _run(straight, *extra).returncode == 0
 
     killed = tmp_path / "killed"
     # Own session: SIGKILL reaches the driver and the Ray processes it started, as when a node dies.
-    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *ARGS, f"--run.output_dir={killed}"],
+    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *ARGS, *extra, f"--run.output_dir={killed}"],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = killed / "checkpoints" / "step_2" / "trainer_state.json"
     deadline = time.monotonic() + 300
@@ -45,7 +52,7 @@ def test_killed_driver_resumes_exactly(tmp_path):
     assert marker.exists(), "the run never reached its second checkpoint"
     assert not (killed / "checkpoints" / "step_4").exists()
 
-    resumed = _run(killed, "--run.resume=auto")
+    resumed = _run(killed, *extra, "--run.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
     a, b = _rows(straight), _rows(killed)
