@@ -8,7 +8,9 @@ DeepSpeed's averaging of gradients over ranks, so the update equals the single-p
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,28 +58,37 @@ class LearnerActor:
         self.engine = None
         self._bad_minibatch = ""  # why the current mini-batch will not be applied, if it will not
 
-    def rendezvous(self) -> tuple[str, int]:
-        """Rank 0 hands out the address every learner connects to."""
+    def rendezvous(self) -> str:
+        """Rank 0 names where the group meets (a torch.distributed init_method).
+
+        On a loopback-only Ray (a local one started by rlsr_ray, or no Ray) every learner is on
+        this machine, and the group meets in a file store: a TCP store listens on every interface.
+        """
         try:
             import ray
 
             host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
         except ImportError:  # pragma: no cover - ray is a dependency
             host = "127.0.0.1"
-        return host, _free_port()
+        if host in ("127.0.0.1", "::1", "localhost"):
+            # An unguessable name; the store deletes its file once the last rank lets go of it.
+            return "file://" + os.path.join(tempfile.gettempdir(), f"rlsr_ray_rdzv_{secrets.token_hex(8)}")
+        return f"tcp://[{host}]:{_free_port()}" if ":" in host else f"tcp://{host}:{_free_port()}"
 
-    def setup(self, master_addr: str, master_port: int) -> None:
+    def setup(self, init_method: str) -> None:
         import deepspeed
 
         # The CPU shared-memory comm op is JIT-built on first use (~1 min): keep it across runs.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(self.cache_dir / "torch_extensions"))
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        if init_method.startswith("tcp://"):  # DeepSpeed's comm helpers also read these
+            host, _, port = init_method[len("tcp://"):].rpartition(":")
+            os.environ.update(MASTER_ADDR=host.strip("[]"), MASTER_PORT=port)
         cuda = self.device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(0)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
-                                   rank=self.rank, world_size=self.world_size)
+                                   init_method=init_method, rank=self.rank, world_size=self.world_size)
         s = self.s
         config = {
             "train_micro_batch_size_per_gpu": s.micro_batch_size,

@@ -32,7 +32,6 @@ from rlsr_ray import batch  # noqa: E402
 from rlsr_ray.grpo import group_advantages  # noqa: E402
 from rlsr_ray.loss import LossSettings  # noqa: E402
 
-PORTS = iter(range(29711, 29800))
 DEVICE = "cuda"  # --device cpu runs the same script as a smoke test on machines without a GPU
 
 
@@ -45,7 +44,7 @@ def settings(dtype: str, micro: int, steps: int, zero: int = 2) -> LearnerSettin
 
 def learner(path: str, s: LearnerSettings) -> LearnerActor:
     lrn = LearnerActor(path, s, device=DEVICE, cache_dir="/tmp/rlsr_cache")
-    lrn.setup("127.0.0.1", next(PORTS))
+    lrn.setup(lrn.rendezvous())
     return lrn
 
 

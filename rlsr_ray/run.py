@@ -48,22 +48,37 @@ def running_cluster_address() -> str | None:
 
 def connect_ray(cfg: Config) -> bool:
     """Join a cluster if one is reachable, else start a local one. Returns True if started here."""
-    import ray
-
     from rlsr_ray.plan import local_num_cpus
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
+    if not address:
+        _single_node_mode()
+    import ray
 
     if ray.is_initialized():
         return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
     if address:
         ray.init(address=address, log_to_driver=True)
         log.info("joined the running Ray cluster at %s", address)
         return False
-    # Everything on loopback: no dashboard or job API, and no port on the machine's network address.
     ray.init(address="local", num_cpus=local_num_cpus(cfg), include_dashboard=False, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
     log.info("started a local Ray instance with %d logical CPUs", local_num_cpus(cfg))
     return True
+
+
+def _single_node_mode() -> None:
+    """Make a Ray started here listen on loopback only: no dashboard or job API, and no port on the
+    machine's network addresses. ray.init replaces a requested 127.0.0.1 node address with the
+    routable one unless Ray runs single-node (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is
+    first imported); with it, GCS, raylet, agents and workers all bind to 127.0.0.1."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if "ray" in sys.modules:
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+            log.warning("ray was imported before rlsr_ray started it, so the local Ray binds to the machine's "
+                        "network address too (set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray)")
 
 
 def _device(pool) -> str:
@@ -93,8 +108,8 @@ def start_learners(cfg: Config, policy_path: str):
         policy_path=policy_path, settings=settings, world_size=plan.learner_world_size,
         device=_device(p), torch_threads=p.torch_threads, cache_dir=cfg.model.cache_dir),
         ray_restarts=False, **_timeouts(cfg))
-    addr, port = learner.call("rendezvous", [()] * learner.size)[0]  # rank 0's address for everyone
-    return learner, learner.broadcast("setup", addr, port)
+    meet = learner.call("rendezvous", [()] * learner.size)[0]  # rank 0's choice for everyone
+    return learner, learner.broadcast("setup", meet)
 
 
 def _temperature(cfg: Config) -> float:

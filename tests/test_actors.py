@@ -25,13 +25,9 @@ def settings(micro_batch_size=8, micro_steps=1, lr=1e-3, zero_stage=0, **kw):
                            compute_dtype="float32", recompute_old_logprobs=False, **kw)
 
 
-_PORTS = iter(range(29611, 29700))
-
-
 def learner(tiny_policy, s):
     lrn = LearnerActor(tiny_policy, s)
-    addr, _ = lrn.rendezvous()
-    lrn.setup(addr, next(_PORTS))
+    lrn.setup(lrn.rendezvous())
     return lrn
 
 

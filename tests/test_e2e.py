@@ -33,13 +33,58 @@ def _check_outputs(out: Path, steps: int) -> dict:
     return summary
 
 
+def _session_listeners(session: int) -> list[tuple[str, int]]:
+    """(address, pid) of every listening TCP socket held by a process of this session (from /proc)."""
+    inodes = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(proc.name)) != session:
+                continue
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = int(proc.name)
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append((fields[1].rsplit(":", 1)[0], inodes[fields[9]]))
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
 def test_tiny_preset_on_local_ray(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "rlsr_ray.run", "tiny", f"--run.output_dir={out}",
-                           "--run.steps=3"], env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "started a local Ray instance" in proc.stderr
+    secret = "5ecre7" + os.urandom(13).hex()
+    log = tmp_path / "driver.log"
+    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", "tiny", f"--run.output_dir={out}", "--run.steps=3"],
+                            env={**ENV, "RAY_AUTH_TOKEN": secret}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        listeners = _session_listeners(proc.pid)  # mid-run: Ray, its agents and all four pools are up
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "started a local Ray instance" in text
     summary = _check_outputs(out, 3)
+    # Security: the Ray started here listens on loopback only, and the auth token never reaches a
+    # log line or an output file.
+    assert len(listeners) >= 5, listeners
+    assert [(a, pid) for a, pid in listeners if a not in LOOPBACK] == []
+    assert secret not in text
+    assert not [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
     from transformers import AutoModelForCausalLM
 
