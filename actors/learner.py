@@ -104,6 +104,12 @@ class LearnerActor:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=s.adam_betas,
                                       weight_decay=s.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=config)
+        if init_method.startswith("file://"):
+            # The store would delete its file when the last rank closes it, but actors end by
+            # SIGKILL; once every rank is in (gloo pairs connected), it is no longer read.
+            self._barrier()
+            if self.rank == 0:
+                Path(init_method[len("file://"):]).unlink(missing_ok=True)
 
     def _old_logprobs(self, table: pa.Table) -> list:
         if not self.s.recompute_old_logprobs:

@@ -102,6 +102,31 @@ def learner_step(path: str, tok) -> dict:
             "rollout_policy_version_after_load": sorted(set(after.column("policy_version").to_pylist()))}
 
 
+def checkpoint_roundtrip(path: str, tok, work: Path) -> dict:
+    """ZeRO-2 bf16: train, checkpoint, train on. A learner restored from the checkpoint (fp32 master
+    partition and AdamW moments) should take the same second step; one started from the saved
+    weights alone (fresh optimizer) is the control that shows what a lost optimizer costs."""
+    rollout = RolloutActor(path, compute_dtype="bfloat16", device=DEVICE, generate_batch_size=64)
+    rolled = rollout.generate(prompts_table(tok, 8), SamplingSpec(4, 32, 1.0, 1.0, 3))
+    train = fake_train_table(rolled, ReferenceActor(path, compute_dtype="bfloat16", device=DEVICE).logprobs(rolled))
+    norm = float(sum(len(x) for x in train.column("response_ids").to_pylist()))
+    s = settings("bfloat16", 8, 4, zero=2)
+    first = learner(path, s)
+    first.train_step([train], [norm])
+    state = {"step": 1, "policy_version": 1, "cursor": {"epoch": 0, "position": 0}, "reference_policy": path}
+    saved = first.save_pretrained(str(work / "step_1"), state)
+    first.train_step([train], [norm])
+    want = first.export_weights()
+    restored = learner(path, s)
+    restored.load_checkpoint(saved)
+    restored.train_step([train], [norm])
+    control = learner(saved, s)
+    control.train_step([train], [norm])
+    diff = lambda w: max(float(np.abs(w[k] - want[k]).max()) for k in want)  # noqa: E731
+    return {"zero_stage": 2, "bf16": True, "max_abs_restored_vs_uninterrupted": diff(restored.export_weights()),
+            "max_abs_weights_only_vs_uninterrupted": diff(control.export_weights())}
+
+
 def smollm2_shaped(tok, out: Path) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -172,6 +197,7 @@ def main() -> int:
               "torch": torch.__version__}
     report["agreement"] = [agreement(args.tiny, tok, d) for d in ("float32", "bfloat16")]
     report["learner_step"] = learner_step(args.tiny, tok)
+    report["checkpoint"] = checkpoint_roundtrip(args.tiny, tok, out / "ckpt")
     if args.smoke:
         report["throughput"] = [throughput(args.tiny, tok, 4, 4, 16)]
     else:
@@ -185,12 +211,16 @@ def main() -> int:
         print(f"{'logprob max|rollout-learner| ' + r['dtype']:42s} {r['max_abs_rollout_vs_learner']:.2e}")
         print(f"{'logprob max|rollout-reference| ' + r['dtype']:42s} {r['max_abs_rollout_vs_reference']:.2e}")
     print(f"{'learner ZeRO-2 bf16 max weight change':42s} {report['learner_step']['max_weight_change']:.2e}")
+    c = report["checkpoint"]
+    print(f"{'ZeRO-2 bf16 resume: max|restored-straight|':42s} {c['max_abs_restored_vs_uninterrupted']:.2e}")
+    print(f"{'  control, weights only: max|.-straight|':42s} {c['max_abs_weights_only_vs_uninterrupted']:.2e}")
     for t in report["throughput"]:
         for k in ("generate_tokens_per_s", "generate_samples_per_s", "reference_s", "train_tokens_per_s",
                   "weight_sync_s", "step_samples_per_s"):
             print(f"{k:42s} {t[k]:.2f}")
     ok = all(r["max_abs_rollout_vs_learner"] < (1e-3 if r["dtype"] == "float32" else 0.5) for r in a)
     ok = ok and report["learner_step"]["max_weight_change"] > 0
+    ok = ok and c["max_abs_restored_vs_uninterrupted"] <= 0.01 * c["max_abs_weights_only_vs_uninterrupted"]
     print("GPU CHECK", "PASSED" if ok else "FAILED")
     return 0 if ok else 1
 
