@@ -75,3 +75,33 @@ def test_actors_killed_mid_run_are_restarted_and_the_run_finishes(tmp_path):
     assert "re-syncing weights and regenerating" in text
     assert "pool learner: actor rank" in text and "learners restored to step" in text
     assert text.count("Started a local Ray instance") == 1  # one run, not a restart of the driver
+
+
+def test_a_hung_actor_times_out_naming_step_pool_and_rank(tmp_path):
+    """SIGSTOP the reward actor: Ray sees a live actor, so only ray.call_timeout_s can end the wait."""
+    out = tmp_path / "hung"
+    log = tmp_path / "driver.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlsr_ray.run", "tiny", "--run.steps=50", "--run.eval_before_after=false",
+         "--ray.call_timeout_s=15", f"--run.output_dir={out}"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _steps_done(out / "metrics.jsonl") < 1 and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        pids = _pids("RewardActor", proc.pid)
+        assert pids, "no RewardActor process found"
+        os.kill(pids[0], signal.SIGSTOP)
+        stopped = time.monotonic()
+        assert proc.wait(timeout=300) == 1, log.read_text()[-3000:]
+        waited = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith("rlsr_ray: error: step ") and "pool reward: actor rank(s) [0] did not finish score" in last, last
+    assert "within 15s (ray.call_timeout_s)" in last
+    assert 15 <= waited < 120  # bounded by the timeout, not by Ray or gloo defaults
+    assert _steps_done(out / "metrics.jsonl") < 50
