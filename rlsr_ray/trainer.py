@@ -20,7 +20,7 @@ from rlsr_ray import checkpoint, data
 from rlsr_ray.config import Config
 from rlsr_ray.loop import Pools, rlsr_step, sync_weights
 from rlsr_ray.metrics import MetricsWriter, truncate_metrics
-from rlsr_ray.plan import StepPlan
+from rlsr_ray.plan import StepPlan, step_plan
 
 log = logging.getLogger("rlsr_ray")
 
@@ -45,7 +45,7 @@ def resumable(cfg: Config, folder: Path, policy_path: str) -> dict[str, Any]:
             f"{folder}: trained against reference {state['reference_policy']!r}, but model.policy resolves to "
             f"{policy_path!r}")
     saved = state["optimizer"]
-    wanted = checkpoint.optimizer_layout(cfg.train.zero_stage, cfg.pools.learner.num_actors)
+    wanted = checkpoint.optimizer_layout(cfg.train.zero_stage, step_plan(cfg).learner_world_size)
     if saved != wanted:
         raise checkpoint.CheckpointError(
             f"{folder}: optimizer state is ZeRO-{saved['zero_stage']} in {saved['shards']} shard(s), but this run "
