@@ -187,8 +187,11 @@ def run(cfg: Config) -> dict[str, Any]:
     pools = None
     try:
         pools, plan = build_pools(cfg, policy_path, reward_path)
+        t_restore = time.perf_counter()
         resume = trainer.restore(cfg, pools, out, found)
         summary: dict[str, Any] = {"setup_s": time.perf_counter() - t_start, "resumed_from_step": resume.step}
+        if found is not None:
+            summary["restore_s"] = time.perf_counter() - t_restore  # learners load it, rollout gets the weights
         heldout = data.prompts_table(heldout_tok, list(range(len(heldout_tok.prompt_ids))), 0) \
             if heldout_tok and cfg.run.eval_before_after else None
         before = trainer.baseline_eval(pools, heldout, cfg.run.eval_max_new_tokens, out) \
@@ -198,8 +201,9 @@ def run(cfg: Config) -> dict[str, Any]:
             learner.get(setup, "setup")
             return learner
 
-        rows = trainer.train_loop(cfg, pools, plan, train_tok, out, resume, policy_path, rebuild_learners)
-        summary.update(trainer.throughput(rows), final_checkpoint=str(checkpoint.step_dir(out, cfg.run.steps)))
+        rows, saving = trainer.train_loop(cfg, pools, plan, train_tok, out, resume, policy_path, rebuild_learners)
+        summary.update(trainer.throughput(rows), **saving,
+                       final_checkpoint=str(checkpoint.step_dir(out, cfg.run.steps)))
         if before is not None:
             after = heldout_similarity(pools, heldout, cfg.run.eval_max_new_tokens)
             summary["heldout"] = paired_delta(before["similarity"], after["similarity"])

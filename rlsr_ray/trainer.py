@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -103,7 +104,8 @@ def save_checkpoint(pools: Pools, out: Path, step: int, cursor: data.PromptCurso
 
 
 def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, resume: Resume,
-               policy_path: str, rebuild_learners: Callable[[], Any]) -> list[dict[str, Any]]:
+               policy_path: str, rebuild_learners: Callable[[], Any]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Steps from resume.step to run.steps; returns their metrics rows and checkpoint timings."""
     from tqdm import tqdm
 
     cursor = data.PromptCursor(train_tok, cfg.run.seed, **resume.cursor)
@@ -113,6 +115,7 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
     bar = tqdm(desc="rlsr", unit="step", initial=resume.step, total=cfg.run.steps, disable=not cfg.run.progress,
                file=sys.stderr)
     step, rebuilds = resume.step, 0
+    saving = {"checkpoint_s": 0.0, "checkpoints": 0}
     try:
         while step < cfg.run.steps:
             prompts = data.prompts_table(train_tok, cursor.next_indices(P), first_group_id=step * P)
@@ -123,7 +126,12 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
                 writer.write(row)
                 rows.append(row)
                 if step + 1 == cfg.run.steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                    save_checkpoint(pools, out, step + 1, cursor, policy_path, cfg.run.keep_checkpoints)
+                    t0 = time.perf_counter()
+                    path = save_checkpoint(pools, out, step + 1, cursor, policy_path, cfg.run.keep_checkpoints)
+                    took = time.perf_counter() - t0
+                    saving["checkpoint_s"] += took
+                    saving["checkpoints"] += 1
+                    log.info("step %d: checkpoint %s written in %.1fs", step + 1, path, took)
             except PoolTimeout as e:  # the pool and ranks are in the message; add the step
                 raise PoolTimeout(f"step {step + 1}: {e}") from None
             except ActorFailure as e:
@@ -144,7 +152,7 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
     finally:
         writer.close()
         bar.close()
-    return rows
+    return rows, saving
 
 
 def recover_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_path: str,
