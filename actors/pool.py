@@ -114,6 +114,7 @@ class Pool:
         import ray
 
         deadline = time.monotonic() + self.call_timeout_s
+        values: list[Any] = [None] * len(results)
         pending = list(results)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
@@ -121,11 +122,12 @@ class Pool:
                 ranks = [i for i, r in enumerate(results) if r in pending]
                 raise PoolTimeout(f"pool {self.role}: actor rank(s) {ranks} did not finish {what} within "
                                   f"{self.call_timeout_s:.0f}s (ray.call_timeout_s)")
+            rank = results.index(ready[0])
             try:
-                ray.get(ready[0])
+                values[rank] = ray.get(ready[0])  # kept: rollout tables are not fetched twice
             except ray.exceptions.RayActorError as e:
                 self._settle(pending)
-                raise self._failure(results.index(ready[0]), what, e) from e
+                raise self._failure(rank, what, e) from e
             except ray.exceptions.RayTaskError as e:
                 # A collective torn by a peer's death reaches the survivors as a task error, often
                 # before the death itself is reported: that death is the failure, if there is one.
@@ -133,7 +135,7 @@ class Pool:
                 if dead is None:
                     raise
                 raise self._failure(dead[0], what, dead[1]) from e
-        return ray.get(results)
+        return values
 
     @staticmethod
     def _settle(refs: list[Any], grace_s: float = 5.0) -> None:

@@ -25,6 +25,7 @@ import torch
 STATE_FILE = "trainer_state.json"
 FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_JSON_LEAVES = (type(None), bool, int, float, str)  # what the JSON skeleton holds as is
 
 
 class CheckpointError(ValueError):
@@ -142,14 +143,14 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> An
         return {"__dict__": [[flatten(k, tensors, prefix), flatten(v, tensors, prefix)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
         return {"__tuple__" if isinstance(obj, tuple) else "__list__": [flatten(v, tensors, prefix) for v in obj]}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
+    if isinstance(obj, _JSON_LEAVES):
         return obj
     raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
 
 
 def storable(obj: Any) -> bool:
     """Whether flatten() can hold obj (checked without copying any tensor)."""
-    if isinstance(obj, torch.Tensor) or obj is None or isinstance(obj, (bool, int, float, str)):
+    if isinstance(obj, (torch.Tensor, *_JSON_LEAVES)):
         return True
     if isinstance(obj, dict):
         return all(storable(k) and storable(v) for k, v in obj.items())
