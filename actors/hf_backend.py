@@ -11,7 +11,16 @@ from rlsr_ray.policy import autocast, load_causal_lm, state_dict_to_torch
 
 class TransformersBackend:
     def __init__(self, policy_path: str, tokenizer, compute_dtype: str, device: str, batch_size: int):
+        from transformers import GenerationConfig
+
         self.model = load_causal_lm(policy_path, device).eval()
+        # Sampling is what SamplingSpec says and nothing else. A model's generation_config.json may
+        # carry repetition_penalty, no_repeat_ngram_size, min_length, suppressed tokens...: generate()
+        # would apply them silently, so the tokens would come from another distribution than the
+        # log-probs below (and the learner's) describe.
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id)
         self.tok = tokenizer
         self.compute_dtype, self.device, self.batch_size = compute_dtype, device, batch_size
         self.eos_ids = {tokenizer.eos_token_id}

@@ -7,12 +7,14 @@ DeepSpeed's averaging of gradients over ranks, so the update equals the single-p
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +22,8 @@ import torch
 
 from rlsr_ray import batch
 from rlsr_ray.loss import LossSettings, rlsr_loss
-from rlsr_ray.policy import (forward_logprobs, load_causal_lm, load_tokenizer, pad_batch, response_logprobs,
-                             set_threads, state_dict_to_torch)
+from rlsr_ray.policy import (forward_logprobs, load_causal_lm, load_tokenizer, pad_batch, resolve_compute_dtype,
+                             response_logprobs, set_threads, state_dict_to_torch)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,11 @@ class LearnerSettings:
     compute_dtype: str
     recompute_old_logprobs: bool
     seed: int = 0
+    # "sgd" (plain, no momentum) makes an update linear in the gradient, so layouts that should
+    # agree (micro-batching, learner counts, ZeRO stages) can be compared to float32 accuracy;
+    # Adam's first step is lr * g / (|g| + eps), which turns rounding noise in near-zero gradients
+    # into lr-sized differences.
+    optimizer: Literal["adamw", "sgd"] = "adamw"
 
 
 def _free_port() -> int:
@@ -51,6 +58,7 @@ class LearnerActor:
                  torch_threads: int = 1, cache_dir: str = "~/.cache/rlsr_ray", rank: int = 0):
         set_threads(torch_threads)
         torch.manual_seed(settings.seed)
+        settings = dataclasses.replace(settings, compute_dtype=resolve_compute_dtype(settings.compute_dtype, device))
         self.rank, self.world_size, self.device, self.s = rank, world_size, device, settings
         self.cache_dir = Path(cache_dir).expanduser()
         self.tok = load_tokenizer(policy_path)
@@ -101,8 +109,11 @@ class LearnerActor:
             "bf16": {"enabled": cuda and s.compute_dtype == "bfloat16", "check_grad_overflow": True},
             "steps_per_print": 10**9,
         }
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=s.adam_betas,
-                                      weight_decay=s.weight_decay)
+        if s.optimizer == "sgd":
+            optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=s.adam_betas,
+                                          weight_decay=s.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=config)
         if init_method.startswith("file://"):
             # The store would delete its file when the last rank closes it, but actors end by
@@ -122,10 +133,13 @@ class LearnerActor:
         totals = {"tokens": 0.0, "pg_sum": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "grad_norm": 0.0,
                   "skipped": 0.0}
         reasons = []
-        for table, norm in zip(minibatches, normalisers):
-            table = batch.check(table, batch.TRAIN, f"learner[{self.rank}] input")
-            old = self._old_logprobs(table)  # before train(): scoring switches the module to eval
-            eng.train()
+        minibatches = [batch.check(t, batch.TRAIN, f"learner[{self.rank}] input") for t in minibatches]
+        # The PPO anchor is the policy that generated the step: every mini-batch's old log-probs
+        # are computed before the first update, or mini-batches 2..k would be anchored to weights
+        # already moved by 1..k-1 (ratio back at 1, the clip never bounding the drift).
+        anchors = [self._old_logprobs(t) for t in minibatches]
+        for table, old, norm in zip(minibatches, anchors, normalisers):
+            eng.train()  # after scoring, which switches the module to eval
             rows = len(table)
             chunks = [(a, min(a + s.micro_batch_size, rows)) for a in range(0, rows, s.micro_batch_size)]
             if len(chunks) != s.micro_steps:

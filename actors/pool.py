@@ -106,14 +106,15 @@ class Pool:
     def broadcast(self, method: str, *args: Any) -> list[Any]:
         return self.submit(method, [args] * len(self.actors))
 
-    def get(self, results: list[Any], what: str = "") -> list[Any]:
+    def get(self, results: list[Any], what: str = "", submitted_at: float | None = None) -> list[Any]:
         """Values of one call on every actor. Fails as soon as any actor fails, rather than when
-        the slowest finishes: survivors of a group whose peer died may sit in a collective."""
+        the slowest finishes: survivors of a group whose peer died may sit in a collective.
+        `submitted_at` (time.monotonic()) starts the call's timeout where the call started."""
         if not self.remote:
             return results
         import ray
 
-        deadline = time.monotonic() + self.call_timeout_s
+        deadline = (time.monotonic() if submitted_at is None else submitted_at) + self.call_timeout_s
         values: list[Any] = [None] * len(results)
         pending = list(results)
         while pending:

@@ -6,14 +6,14 @@ import os
 import pyarrow as pa
 
 from rlsr_ray import batch
-from rlsr_ray.policy import load_causal_lm, load_tokenizer, response_logprobs, set_threads
+from rlsr_ray.policy import load_causal_lm, load_tokenizer, resolve_compute_dtype, response_logprobs, set_threads
 
 
 class ReferenceActor:
     def __init__(self, policy_path: str, compute_dtype: str = "float32", device: str = "cpu",
                  torch_threads: int = 1, micro_batch_size: int = 8, temperature: float = 1.0, rank: int = 0):
         set_threads(torch_threads)
-        self.rank, self.device, self.compute_dtype = rank, device, compute_dtype
+        self.rank, self.device, self.compute_dtype = rank, device, resolve_compute_dtype(compute_dtype, device)
         self.micro_batch_size, self.temperature = micro_batch_size, temperature
         self.model = load_causal_lm(policy_path, device).eval()
         for p in self.model.parameters():

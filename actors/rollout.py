@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from actors.sampling import RolloutBackend, SamplingSpec
 from rlsr_ray import batch
-from rlsr_ray.policy import load_tokenizer, set_threads
+from rlsr_ray.policy import load_tokenizer, resolve_compute_dtype, set_threads
 
 
 class RolloutActor:
@@ -16,6 +16,7 @@ class RolloutActor:
                  vllm_gpu_memory_utilization: float = 0.85, rank: int = 0):
         set_threads(torch_threads)
         self.rank = rank
+        compute_dtype = resolve_compute_dtype(compute_dtype, device)
         self.tok = load_tokenizer(policy_path)
         self.policy_version = 0
         self.backend: RolloutBackend

@@ -12,9 +12,26 @@ from typing import Any, Sequence
 from actors.sampling import Sample, SamplingSpec, cut_at_eos
 
 
+def engine_kwargs(policy_path: str, compute_dtype: str, gpu_memory_utilization: float, seed: int) -> dict[str, Any]:
+    """`vllm.LLM` arguments."""
+    return dict(
+        model=policy_path, dtype=compute_dtype, gpu_memory_utilization=gpu_memory_utilization,
+        # Seeded once per engine: a per-request seed moves vLLM's sampler to its slow per-request path.
+        seed=seed, enable_prefix_caching=True,
+        # Log-probs after temperature scaling, matching what the learner computes (top_p < 1 also
+        # renormalises them, which config.validate only allows when the learners recompute them).
+        logprobs_mode="processed_logprobs",
+        max_logprobs=1,  # only the sampled token's log-prob is ever asked for
+        # vLLM's neutral sampling defaults, not the model's generation_config.json: a repetition
+        # penalty or top_k from there would change what is sampled without changing the log-probs.
+        generation_config="vllm",
+        worker_extension_cls="actors.vllm_backend.WeightLoaderExtension",
+    )
+
+
 def sampling_kwargs(spec: SamplingSpec) -> dict[str, Any]:
     """SamplingParams arguments: n samples, the sampled token's log-prob only (logprobs=0)."""
-    kwargs: dict[str, Any] = dict(n=spec.n, max_tokens=spec.max_new_tokens, logprobs=0, seed=spec.seed)
+    kwargs: dict[str, Any] = dict(n=spec.n, max_tokens=spec.max_new_tokens, logprobs=0)
     if spec.temperature == 0:
         kwargs.update(temperature=0.0)
     else:
@@ -26,6 +43,9 @@ def to_samples(request_output: Any, eos_ids: set[int]) -> list[Sample]:
     """One vLLM RequestOutput -> its samples (token ids, sampled-token log-probs, finish reason)."""
     samples = []
     for comp in request_output.outputs:
+        if comp.finish_reason not in ("stop", "length"):  # abort / error: not a sample to train on
+            raise RuntimeError(f"vLLM request {getattr(request_output, 'request_id', '?')} ended with finish_reason "
+                               f"{comp.finish_reason!r}")
         ids = list(comp.token_ids)
         if comp.logprobs is None or len(comp.logprobs) != len(ids):
             raise ValueError("vLLM returned no per-token logprobs; SamplingParams(logprobs=0) is required")
@@ -50,13 +70,7 @@ class VLLMBackend:
         from vllm import LLM  # imported here: the package exists only on CUDA machines
 
         self.eos_ids = eos_ids
-        self.llm = LLM(
-            model=policy_path, dtype=compute_dtype, gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed, enable_prefix_caching=True,
-            # Log-probs after temperature scaling, matching what the learner computes.
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls="actors.vllm_backend.WeightLoaderExtension",
-        )
+        self.llm = LLM(**engine_kwargs(policy_path, compute_dtype, gpu_memory_utilization, seed))
 
     def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Sample]]:
         from vllm import SamplingParams

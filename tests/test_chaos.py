@@ -5,6 +5,7 @@ learners are two ZeRO-2 ranks, so the group re-forms and reloads partitioned opt
 run finishes with every step recorded exactly once."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -31,8 +32,30 @@ def _steps_done(path) -> int:
         return 0
 
 
-ARGS = ["tiny", "--run.steps=11", "--run.save_every=1", "--rollout.max_new_tokens=48", "--run.eval_before_after=false",
-        "--train.zero_stage=2", "--pools.learner.num_actors=2"]
+@contextlib.contextmanager
+def _running(args: list[str], out, log):
+    """The driver in a session of its own (its Ray included), output to `log`; killed on the way out."""
+    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *args, f"--run.output_dir={out}"],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_steps(proc: subprocess.Popen, out, log, steps: int, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _steps_done(out / "metrics.jsonl") < steps and proc.poll() is None:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+# ray.address=local: a fresh Ray in the driver's session, whatever earlier tests left running.
+BASE = ["tiny", "--ray.address=local", "--run.eval_before_after=false"]
+ARGS = [*BASE, "--run.steps=11", "--run.save_every=1", "--rollout.max_new_tokens=48", "--train.zero_stage=2",
+        "--pools.learner.num_actors=2"]
 COMPARED = ("loss", "kl", "reward_mean", "similarity_mean", "response_length_mean", "grad_norm", "policy_version")
 
 
@@ -43,25 +66,15 @@ def test_actors_killed_mid_run_are_restarted_and_the_run_finishes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "chaos"
     log = tmp_path / "driver.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlsr_ray.run", *ARGS, f"--run.output_dir={out}"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
     killed = []
-    try:
+    with _running(ARGS, out, log) as proc:
         for after_step, victim in VICTIMS:
-            deadline = time.monotonic() + 300
-            while _steps_done(out / "metrics.jsonl") < after_step and proc.poll() is None:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.05)
+            _wait_steps(proc, out, log, after_step)
             pids = _pids(victim, proc.pid)
             assert pids, f"no {victim} process found"
             os.kill(pids[0], signal.SIGKILL)
             killed.append(victim)
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 12))  # every step exactly once
@@ -81,27 +94,32 @@ def test_a_hung_actor_times_out_naming_step_pool_and_rank(tmp_path):
     """SIGSTOP the reward actor: Ray sees a live actor, so only ray.call_timeout_s can end the wait."""
     out = tmp_path / "hung"
     log = tmp_path / "driver.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlsr_ray.run", "tiny", "--run.steps=50", "--run.eval_before_after=false",
-         "--ray.call_timeout_s=15", f"--run.output_dir={out}"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while _steps_done(out / "metrics.jsonl") < 1 and proc.poll() is None:
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
+    with _running([*BASE, "--run.steps=50", "--ray.call_timeout_s=15"], out, log) as proc:
+        _wait_steps(proc, out, log, 1)
         pids = _pids("RewardActor", proc.pid)
         assert pids, "no RewardActor process found"
         os.kill(pids[0], signal.SIGSTOP)
         stopped = time.monotonic()
         assert proc.wait(timeout=300) == 1, log.read_text()[-3000:]
         waited = time.monotonic() - stopped
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     last = log.read_text().strip().splitlines()[-1]
     assert last.startswith("rlsr_ray: error: step ") and "pool reward: actor rank(s) [0] did not finish score" in last, last
     assert "within 15s (ray.call_timeout_s)" in last
     assert 15 <= waited < 120  # bounded by the timeout, not by Ray or gloo defaults
     assert _steps_done(out / "metrics.jsonl") < 50
+
+
+def test_ctrl_c_prints_one_line_with_the_newest_checkpoint_and_exits_130(tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it."""
+    out = tmp_path / "interrupted"
+    log = tmp_path / "driver.log"
+    with _running([*BASE, "--run.steps=200", "--run.save_every=1"], out, log) as proc:
+        _wait_steps(proc, out, log, 2)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    reached = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert last.startswith(f"rlsr_ray: interrupted after step {reached}; newest checkpoint {out}/checkpoints/step_"), last
+    assert last.endswith(f"--run.resume=auto --run.output_dir={out}"), last
+    assert "Traceback" not in text, text[-3000:]

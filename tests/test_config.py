@@ -37,6 +37,10 @@ def test_overrides_apply_with_types():
     (["run.steps=3"], "bad argument"),
     (["--steps=3"], "expected section.key"),
     (["--rollout.backend=vllm"], "needs GPUs"),
+    (["--rollout.backend=vllm", "--pools.rollout.num_gpus=1", "--rollout.top_p=0.9"],
+     "rollout.top_p: 0.9 is out of range; the vllm backend with top_p < 1 needs algo.recompute_old_logprobs=true"),
+    (["--model.compute_dtype=float16"], "model.compute_dtype: 'float16' is not allowed"),
+    (["--train.optimizer=adam"], "train.optimizer: 'adam' is not allowed"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")) as e:
@@ -53,3 +57,25 @@ def test_parse_override_yaml_scalars():
     assert parse_override("--a.b=3") == (["a", "b"], 3)
     assert parse_override("--a.b=true") == (["a", "b"], True)
     assert parse_override("--a.b=hello") == (["a", "b"], "hello")
+
+
+def test_vllm_with_top_p_is_accepted_when_learners_recompute_old_logprobs():
+    cfg = load_config("tiny", ["--rollout.backend=vllm", "--pools.rollout.num_gpus=1", "--rollout.top_p=0.9",
+                               "--algo.recompute_old_logprobs=true"])
+    assert cfg.rollout.top_p == 0.9
+
+
+def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
+    import torch
+
+    from rlsr_ray import policy
+
+    assert policy.resolve_compute_dtype("float32", "cuda") == "float32"  # an explicit choice stands
+    assert policy.resolve_compute_dtype("auto", "cuda") == "bfloat16"
+    for amx, avx512_bf16, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"),
+                                      (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert policy.resolve_compute_dtype("auto", "cpu") == expected
+    assert "float32 on CPU actors" in policy.describe_compute_dtype("auto")  # the AVX2-only case just set
+    assert load_config("default").model.compute_dtype == "auto"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from actors.sampling import SamplingSpec
-from actors.vllm_backend import sampling_kwargs, to_samples
+from actors.vllm_backend import engine_kwargs, sampling_kwargs, to_samples
 
 
 @dataclass
@@ -30,7 +30,7 @@ class StandInRequestOutput:  # mirrors vllm.outputs.RequestOutput
 
 def test_sampling_kwargs_sampled_and_greedy():
     kw = sampling_kwargs(SamplingSpec(n=8, max_new_tokens=100, temperature=0.9, top_p=0.95, seed=7))
-    assert kw == dict(n=8, max_tokens=100, logprobs=0, seed=7, temperature=0.9, top_p=0.95)
+    assert kw == dict(n=8, max_tokens=100, logprobs=0, temperature=0.9, top_p=0.95)  # no per-request seed
     greedy = sampling_kwargs(SamplingSpec(n=1, max_new_tokens=5, temperature=0.0, top_p=0.5, seed=0))
     assert greedy["temperature"] == 0.0 and "top_p" not in greedy
 
@@ -53,3 +53,16 @@ def test_to_samples_stop_without_echoed_eos_is_still_stop():
 def test_to_samples_requires_logprobs():
     with pytest.raises(ValueError, match="logprobs=0"):
         to_samples(StandInRequestOutput([StandInCompletion([5], None, "stop")]), {2})
+
+
+def test_engine_kwargs_seed_once_neutral_defaults_one_logprob():
+    kw = engine_kwargs("/m", "bfloat16", 0.8, seed=5)
+    assert kw["seed"] == 5 and kw["max_logprobs"] == 1 and kw["generation_config"] == "vllm"
+    assert kw["logprobs_mode"] == "processed_logprobs" and kw["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("reason", ["abort", "error", None])
+def test_to_samples_refuses_aborted_or_failed_requests(reason):
+    comp = StandInCompletion([5, 6], [{5: StandInLogprob(-0.5)}, {6: StandInLogprob(-0.5)}], reason)
+    with pytest.raises(RuntimeError, match=f"finish_reason {reason!r}"):
+        to_samples(StandInRequestOutput([comp]), {2})

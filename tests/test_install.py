@@ -1,0 +1,75 @@
+"""Every install line that README and the cluster files give users resolves with pip's resolver.
+
+Runs `pip install --dry-run --ignore-installed --report` against the package registry (metadata
+only, nothing is installed), so a version clash between the project's pins and an extra's (vLLM
+pins its own torch and caps transformers) fails here instead of on a freshly started cluster.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SDIST = re.compile(r"[^\s\"']*rlsr_ray-[0-9.]+\.tar\.gz")
+
+
+def _pip_commands(text: str) -> list[str]:
+    """The `pip install ...` commands in shell text, one per `&&`-separated part."""
+    found = []
+    for line in text.splitlines():
+        for part in line.split("&&"):
+            part = part.strip().lstrip("- ").strip()
+            if part.startswith("pip install "):
+                found.append(part.split("#")[0].strip())
+    return found
+
+
+def _key(cmd: str) -> str:
+    """pip's arguments, quiet flag dropped, in shell-quoted form."""
+    return shlex.join(a for a in shlex.split(cmd)[2:] if a != "-q")
+
+
+def install_lines() -> dict[str, list[str]]:
+    """pip arguments -> where they come from; the sdist a cluster node installs is this checkout."""
+    lines: dict[str, list[str]] = {}
+    for cmd in _pip_commands((ROOT / "README.md").read_text()):
+        lines.setdefault(_key(cmd), []).append("README.md")
+    for cluster in sorted((ROOT / "clusters").glob("*.yaml")):
+        commands = yaml.safe_load(cluster.read_text()).get("setup_commands", [])
+        for cmd in _pip_commands("\n".join(commands)):
+            lines.setdefault(_key(SDIST.sub(str(ROOT), cmd.replace("$HOME/", ""))), []).append(cluster.name)
+    return lines
+
+
+def test_the_install_lines_are_found():
+    lines = install_lines()
+    assert lines[shlex.join(["-e", ".[cpu]"])] == ["README.md", "README.md"]  # quick start, measured run
+    assert "README.md" in lines[shlex.join(["-e", ".[cpu,dev]"])]  # the test command
+    gpu = [args for args in lines if "[vllm]" in args]
+    assert gpu and sorted(n for a in gpu for n in lines[a]) == ["a100.yaml", "heterogeneous.yaml"], lines
+
+
+@pytest.mark.parametrize("args", sorted(install_lines()))
+def test_install_line_resolves(args, tmp_path):
+    report = tmp_path / "report.json"
+    argv = shlex.split(args)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+                           "--disable-pip-version-check", "--report", str(report), *argv],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    errors = [x for x in proc.stderr.splitlines() if "ERROR" in x or "conflict" in x.lower()]
+    assert proc.returncode == 0, f"pip install {args}: " + " | ".join(errors or proc.stderr.splitlines()[-5:])
+    versions = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+                for i in json.loads(report.read_text())["install"]}
+    if "[vllm]" in args:  # the GPU set: vLLM's own torch
+        assert versions["vllm"] == "0.33.0" and versions["torch"] == "2.14.0", versions
+    elif "[cpu" in args:  # the CPU set every README timing was measured with
+        assert versions["torch"].startswith("2.13.0") and versions["transformers"] == "5.23.0", versions
