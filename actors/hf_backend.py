@@ -24,6 +24,26 @@ class TransformersBackend:
         self.tok = tokenizer
         self.compute_dtype, self.device, self.batch_size = compute_dtype, device, batch_size
         self.eos_ids = {tokenizer.eos_token_id}
+        self.route = None  # this actor's end of the weight route, once joined
+
+    weight_dtype = "float32"  # load_causal_lm keeps float32 weights; compute_dtype is autocast only
+
+    def join_route(self, address: str, rank: int, settings, specs: list) -> None:
+        from rlsr_ray.weight_sync import WeightGroup
+
+        self.close_route()
+        self.route, self.route_specs = WeightGroup(address, rank, settings), specs
+
+    def receive_weights(self) -> None:
+        if self.route is None:
+            raise RuntimeError("not in the weight route")
+        state: dict = {}
+        for bucket in self.route.receive(self.route_specs):
+            state.update(bucket)
+        self.load_weights(state)
+
+    def close_route(self) -> None:
+        self.route = None
 
     def load_weights(self, state_dict: dict) -> None:
         missing, unexpected = self.model.load_state_dict(state_dict_to_torch(state_dict), strict=False)

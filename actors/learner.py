@@ -7,6 +7,7 @@ DeepSpeed's averaging of gradients over ranks, so the update equals the single-p
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -24,6 +25,7 @@ from rlsr_ray import batch
 from rlsr_ray.loss import LossSettings, rlsr_loss
 from rlsr_ray.policy import (forward_logprobs, load_causal_lm, load_tokenizer, pad_batch, resolve_compute_dtype,
                              response_logprobs, set_threads, state_dict_to_torch)
+from rlsr_ray.weight_sync import RouteSettings, WeightGroup, tensor_specs
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class LearnerActor:
         self.cache_dir = Path(cache_dir).expanduser()
         self.tok = load_tokenizer(policy_path)
         self.model = load_causal_lm(policy_path, device)
+        self.specs = tensor_specs(self.model.state_dict())  # before ZeRO-3 partitions the parameters
+        self.route: WeightGroup | None = None  # rank 0's end of the weight route to the rollout actors
         self.engine = None
         self._bad_minibatch = ""  # why the current mini-batch will not be applied, if it will not
 
@@ -249,13 +253,55 @@ class LearnerActor:
 
     def export_weights(self) -> dict | None:
         """Full CPU state dict on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
+        with self._full_weights() as model:
+            return self._cpu_state_dict(model) if self.rank == 0 else None
+
+    def publish_weights(self) -> list | None:
+        """Rank 0: [reference, bytes] of export_weights put into Ray's object store by this actor
+        itself. In a list, Ray hands the reference over unresolved: the caller never holds the
+        weights. Every rank must call it under ZeRO-3."""
+        import ray
+
+        state = self.export_weights()
+        return [ray.put(state), sum(v.nbytes for v in state.values())] if state is not None else None
+
+    @contextlib.contextmanager
+    def _full_weights(self):
+        """The policy module with every parameter whole (ZeRO-3 gathers them; all ranks enter)."""
         model = self.engine.module if self.engine is not None else self.model
         if self.s.zero_stage == 3 and self.engine is not None:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-                return self._cpu_state_dict(model) if self.rank == 0 else None
-        return self._cpu_state_dict(model) if self.rank == 0 else None
+                yield model
+        else:
+            yield model
+
+    # The weight route (rlsr_ray/weight_sync.py): rank 0 sends, the rollout actors receive.
+    def weight_specs(self) -> list | None:
+        return self.specs if self.rank == 0 else None
+
+    def open_weight_route(self, address: str, settings: RouteSettings) -> None:
+        self.close_weight_route()
+        if self.rank == 0:  # blocks until every rollout actor has joined
+            self.route = WeightGroup(address, 0, settings)
+
+    def send_weights(self) -> dict:
+        """Every rank calls it (ZeRO-3 gathers); rank 0 broadcasts. A torn route is reported, not
+        raised: a rollout actor's death must not fail the learner group."""
+        with self._full_weights() as model:
+            if self.rank != 0:
+                return {"ok": True, "bytes": 0}
+            if self.route is None:
+                return {"ok": False, "error": "learner rank 0 holds no weight route"}
+            try:
+                return {"ok": True, "bytes": self.route.send(model.state_dict(), self.specs)}
+            except RuntimeError as e:  # gloo/NCCL: a peer died or timed out
+                self.route = None
+                return {"ok": False, "error": str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}
+
+    def close_weight_route(self) -> None:
+        self.route = None  # the process group is destroyed with its last reference
 
     @staticmethod
     def _cpu_state_dict(model) -> dict:

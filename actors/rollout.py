@@ -56,3 +56,24 @@ class RolloutActor:
         self.backend.load_weights(state_dict)
         self.policy_version = version
         return version
+
+    # The weight route (rlsr_ray/weight_sync.py): rank 1 + this actor's rank, learner rank 0 sends.
+    def weight_dtype(self) -> str:
+        return self.backend.weight_dtype
+
+    def join_weight_route(self, address: str, settings, specs: list) -> None:
+        self.backend.join_route(address, 1 + self.rank, settings, specs)
+
+    def receive_weights(self, version: int) -> dict:
+        """One broadcast of the weights. A torn route, or an actor Ray restarted since it joined,
+        is reported rather than raised: the driver then falls back to the object store."""
+        try:
+            self.backend.receive_weights()
+        except RuntimeError as e:
+            self.backend.close_route()
+            return {"ok": False, "error": f"rollout[{self.rank}]: {str(e).strip().splitlines()[0]}"}
+        self.policy_version = version
+        return {"ok": True, "version": version}
+
+    def close_weight_route(self) -> None:
+        self.backend.close_route()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,18 @@ class RolloutBackend(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Sample]]:
         """One list of `spec.n` samples per prompt, in prompt order."""
 
-    def load_weights(self, state_dict: dict) -> None: ...
+    def load_weights(self, state_dict: dict) -> None:
+        """The whole state dict, through Ray's object store (first sync, fallback)."""
+
+    # The weight route (rlsr_ray/weight_sync.py): this backend's end of the group, where the model is.
+    weight_dtype: str  # what the model's weights are held in, hence what travels
+
+    def join_route(self, address: str, rank: int, settings: Any, specs: list) -> None: ...
+
+    def receive_weights(self) -> None:
+        """Receive one broadcast of every spec and load it; raises RuntimeError if the route tore."""
+
+    def close_route(self) -> None: ...
 
 
 def cut_at_eos(tokens: Sequence[int], logprobs: Sequence[float], eos_ids: set[int]) -> Sample:

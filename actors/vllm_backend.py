@@ -7,9 +7,11 @@ with stand-in objects shaped like vLLM's outputs; the engine itself only runs on
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 from actors.sampling import Sample, SamplingSpec, cut_at_eos
+from rlsr_ray.weight_sync import TensorSpec
 
 
 def engine_kwargs(policy_path: str, compute_dtype: str, gpu_memory_utilization: float, seed: int) -> dict[str, Any]:
@@ -57,11 +59,38 @@ def to_samples(request_output: Any, eos_ids: set[int]) -> list[Sample]:
     return samples
 
 
-class WeightLoaderExtension:
-    """Mixed into vLLM's GPU worker (worker_extension_cls): receives weights by collective_rpc."""
+def specs_to_rpc(specs: Sequence[TensorSpec]) -> list:
+    """TensorSpecs as plain lists: vLLM's multiprocess engine msgpack-encodes RPC arguments and
+    decodes them untyped on the worker side, so only str/int/float/list survive the trip."""
+    return [[s.name, list(s.shape)] for s in specs]
 
-    def rlsr_load_weights(self, named_tensors: list) -> None:  # runs inside the vLLM worker
-        self.model_runner.model.load_weights(weights=named_tensors)
+
+def specs_from_rpc(raw: list) -> list[TensorSpec]:
+    return [TensorSpec(str(name), tuple(int(d) for d in shape)) for name, shape in raw]
+
+
+class WeightLoaderExtension:
+    """Mixed into vLLM's GPU worker (worker_extension_cls). collective_rpc carries only metadata
+    (addresses, names, shapes, paths); tensors arrive over the weight route's process group or,
+    for the object-store fallback, from a safetensors file the actor wrote."""
+
+    def rlsr_join_route(self, address: str, rank: int, settings: list, specs: list) -> None:
+        from rlsr_ray.weight_sync import RouteSettings, WeightGroup
+
+        self.rlsr_route = WeightGroup(address, rank, RouteSettings(*settings))
+        self.rlsr_specs = specs_from_rpc(specs)
+
+    def rlsr_receive_weights(self) -> None:
+        for bucket in self.rlsr_route.receive(self.rlsr_specs):  # HF names; vLLM fuses as it loads
+            self.model_runner.model.load_weights(weights=bucket)
+
+    def rlsr_close_route(self) -> None:
+        self.rlsr_route = None
+
+    def rlsr_load_file(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        self.model_runner.model.load_weights(weights=load_file(path, device="cuda").items())
 
 
 class VLLMBackend:
@@ -69,7 +98,7 @@ class VLLMBackend:
                  seed: int = 0):
         from vllm import LLM  # imported here: the package exists only on CUDA machines
 
-        self.eos_ids = eos_ids
+        self.eos_ids, self.compute_dtype = eos_ids, compute_dtype
         self.llm = LLM(**engine_kwargs(policy_path, compute_dtype, gpu_memory_utilization, seed))
 
     def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Sample]]:
@@ -80,8 +109,31 @@ class VLLMBackend:
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [to_samples(o, self.eos_ids) for o in outs]
 
+    @property
+    def weight_dtype(self) -> str:
+        return self.compute_dtype
+
+    def join_route(self, address: str, rank: int, settings, specs: list) -> None:
+        self.llm.collective_rpc("rlsr_join_route", args=(address, rank, settings.to_list(), specs_to_rpc(specs)))
+
+    def receive_weights(self) -> None:
+        self.llm.collective_rpc("rlsr_receive_weights")
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def close_route(self) -> None:
+        self.llm.collective_rpc("rlsr_close_route")
+
     def load_weights(self, state_dict: dict) -> None:
+        """Object-store fallback: the worker reads a safetensors file (tensors never go by RPC)."""
+        import tempfile
+
+        from safetensors.torch import save_file
+
         from rlsr_ray.policy import state_dict_to_torch
 
-        self.llm.collective_rpc("rlsr_load_weights", args=(list(state_dict_to_torch(state_dict).items()),))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.TemporaryDirectory(dir=shm) as tmp:
+            path = os.path.join(tmp, "weights.safetensors")
+            save_file({k: v.contiguous() for k, v in state_dict_to_torch(state_dict).items()}, path)
+            self.llm.collective_rpc("rlsr_load_file", args=(path,))
+        self.llm.reset_prefix_cache()

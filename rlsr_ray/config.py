@@ -54,6 +54,16 @@ class RolloutConfig:
     top_p: float = 1.0
     generate_batch_size: int = 64  # sequences per generate() call on one actor
     vllm_gpu_memory_utilization: float = 0.85
+    # How learner weights reach the rollout actors after each step. "group": broadcast from learner
+    # rank 0 over a process group of their own (gloo; NCCL when both pools are on CUDA), in
+    # buckets of weight_bucket_mb, the driver sending only the version; "object_store": rank 0
+    # puts the state dict into Ray's object store and every rollout actor reads it.
+    weight_sync: Literal["group", "object_store"] = "group"
+    # "auto": NCCL when learners and rollout actors are all on CUDA, else gloo. NCCL cannot join
+    # two processes on one GPU: pools sharing GPUs (fractional num_gpus) need "gloo".
+    weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    weight_bucket_mb: float = 256.0
+    weight_sync_timeout_s: float = 300.0  # a member stuck this long fails the others' broadcast
 
 
 @dataclass(frozen=True)
@@ -290,6 +300,8 @@ def validate(cfg: Config) -> None:
     need(r.temperature >= 0, "rollout.temperature", "must be >= 0", r.temperature)
     need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
     need(r.generate_batch_size >= 1, "rollout.generate_batch_size", "must be >= 1", r.generate_batch_size)
+    need(r.weight_bucket_mb > 0, "rollout.weight_bucket_mb", "must be > 0", r.weight_bucket_mb)
+    need(r.weight_sync_timeout_s > 0, "rollout.weight_sync_timeout_s", "must be > 0", r.weight_sync_timeout_s)
     need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1", t.prompts_per_step)
     need(
         1 <= t.mini_batch_prompts <= t.prompts_per_step and t.prompts_per_step % t.mini_batch_prompts == 0,

@@ -22,6 +22,7 @@ from rlsr_ray import batch
 from rlsr_ray.config import Config
 from rlsr_ray.grpo import group_advantages
 from rlsr_ray.plan import StepPlan
+from rlsr_ray.weight_route import WeightRoute
 
 log = logging.getLogger("rlsr_ray")
 
@@ -33,6 +34,7 @@ class Pools:
     reference: Pool
     learner: Pool
 
+    route: WeightRoute | None = None  # learner rank 0 -> rollout actors; None: object store only
     policy_version: int = 0  # the version every rollout actor should hold (set by sync_weights)
 
     def all(self) -> list[Pool]:
@@ -163,17 +165,35 @@ def train(pools: Pools, train_table: pa.Table, plan: StepPlan, aggregation: str)
     }
 
 
-def sync_weights(pools: Pools, version: int) -> None:
-    """Learners export (rank 0 holds the full state), every rollout actor loads the same object."""
-    exported = pools.learner.submit("export_weights", [()] * pools.learner.size)  # all ranks: ZeRO-3 gathers
-    if pools.learner.remote and pools.rollout.remote:
-        weights = exported[0]  # an ObjectRef: rollout actors read it from the object store, no driver copy
-    else:
-        weights = pools.learner.get(exported, "export_weights")[0]
-        weights = _put(pools.rollout, [weights])[0]  # put once, not once per rollout actor
-    pools.rollout.get(pools.rollout.broadcast("load_weights", weights, version), "load_weights")
-    pools.learner.get(exported, "export_weights")
+def sync_weights(pools: Pools, version: int) -> dict[str, Any]:
+    """Learner weights to every rollout actor: over the weight route when it is open, else through
+    the object store, after which the route is opened (again) for the next sync."""
+    route = pools.route
+    stats = route.sync(pools.learner, pools.rollout, version) if route is not None else None
+    if stats is None:
+        stats = _sync_through_object_store(pools, version)
+        if route is not None and route.usable(pools.learner, pools.rollout):
+            route.open(pools.learner, pools.rollout)
     pools.policy_version = version
+    return stats
+
+
+def _sync_through_object_store(pools: Pools, version: int) -> dict[str, Any]:
+    if pools.learner.remote:  # rank 0 puts its export itself: the driver holds a reference only
+        ref, nbytes = pools.learner.call("publish_weights", [()] * pools.learner.size)[0]  # all ranks: ZeRO-3
+        weights = ref if pools.rollout.remote else _fetch(ref)
+    else:
+        state = pools.learner.call("export_weights", [()] * pools.learner.size)[0]
+        nbytes = sum(v.nbytes for v in state.values())
+        weights = _put(pools.rollout, [state])[0]  # put once, not once per rollout actor
+    pools.rollout.get(pools.rollout.broadcast("load_weights", weights, version), "load_weights")
+    return {"weight_sync_path": "object_store", "weight_sync_mb": nbytes / 1e6}
+
+
+def _fetch(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref)
 
 
 def nonfinite_reason(rewards: pa.Table) -> str | None:
@@ -219,12 +239,13 @@ def rlsr_step(cfg: Config, pools: Pools, plan: StepPlan, prompts: pa.Table, step
     train_table = build_train_table(rollouts, rewards, ref, cfg.algo.advantage_std_norm)
     train_stats = train(pools, train_table, plan, cfg.algo.loss_aggregation)
     t_train = time.perf_counter()
-    sync_weights(pools, step + 1)
+    sync_stats = sync_weights(pools, step + 1)
     t_sync = time.perf_counter()
     row: dict[str, Any] = {"step": step + 1}
     row.update(rollout_summary(rollouts, rewards))
     row.update(train_stats)
     row["loss"] = train_stats["pg_loss"] + cfg.algo.kl_coef * train_stats["kl"]
+    row.update(sync_stats)
     row.update({
         "rollout_s": t_gen - t0, "reward_s": timing["reward_s"], "reference_s": timing["reference_s"],
         "score_wall_s": t_score - t_gen, "train_s": t_train - t_score, "weight_sync_s": t_sync - t_train,

@@ -148,7 +148,22 @@ def build_pools(cfg: Config, policy_path: str, reward_path: str):
         torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
         temperature=_temperature(cfg)), **_timeouts(cfg))
     learner.get(setup, "setup")
-    return Pools(rollout, reward, reference, learner), step_plan(cfg)
+    pools = Pools(rollout, reward, reference, learner, route=weight_route(cfg))
+    if pools.route is not None and pools.route.usable(learner, rollout):
+        pools.route.open(learner, rollout)  # both start from the same policy: nothing to send yet
+    return pools, step_plan(cfg)
+
+
+def weight_route(cfg: Config):
+    from rlsr_ray.weight_route import WeightRoute
+
+    r, p = cfg.rollout, cfg.pools
+    if r.weight_sync != "group":
+        return None
+    backend = r.weight_sync_backend
+    if backend == "auto":
+        backend = "nccl" if _device(p.learner) == "cuda" and _device(p.rollout) == "cuda" else "gloo"
+    return WeightRoute(backend, int(r.weight_bucket_mb * 1e6), r.weight_sync_timeout_s)
 
 
 def prepare_data(cfg: Config, policy_path: str):

@@ -69,3 +69,49 @@ def test_two_learners_make_the_one_learner_update(local_ray, tiny_policy, train,
         group.shutdown()
     assert sum(s["tokens"] for s in stats) == norm
     assert_same_update(single, {k: w1[k] - w0[k] for k in w0})
+
+
+def _rollout_weights(ray, pool: Pool) -> list[dict]:
+    def read(actor):  # runs inside the rollout actor
+        return {k: v.detach().numpy().copy() for k, v in actor.backend.model.state_dict().items()}
+
+    return ray.get([a.__ray_call__.remote(read) for a in pool.actors])
+
+
+def test_weight_route_gives_every_rollout_actor_the_learner_weights_bit_for_bit(local_ray, tiny_policy, train):
+    """Two ZeRO-3 learners (rank 0 gathers) -> two rollout actors over gloo; then one rollout actor
+    is killed and restarted by Ray: that sync falls back to the object store and the route reopens."""
+    import numpy as np
+
+    from actors.rollout import RolloutActor
+    from rlsr_ray.loop import Pools, sync_weights
+    from rlsr_ray.weight_route import WeightRoute
+
+    norm = float(sum(len(x) for x in train.column("response_ids").to_pylist()))
+    s = settings(micro_batch_size=8, micro_steps=1, lr=1.0, optimizer="sgd", zero_stage=3)
+    learners = Pool("learner", LearnerActor, PoolConfig(num_actors=2, num_cpus=0.5),
+                    dict(policy_path=tiny_policy, settings=s, world_size=2), ray_restarts=False, call_timeout_s=300)
+    rollouts = Pool("rollout", RolloutActor, PoolConfig(num_actors=2, num_cpus=0.5, max_restarts=1),
+                    dict(policy_path=tiny_policy), call_timeout_s=300)
+    pools = Pools(rollouts, None, None, learners, route=WeightRoute("gloo", bucket_bytes=1_000_000, timeout_s=60))
+    try:
+        meet = learners.call("rendezvous", [()] * 2)[0]
+        learners.call("setup", [(meet,)] * 2)
+        pools.route.open(learners, rollouts)
+        paths = []
+        for version in (1, 2, 3):
+            learners.call("train_step", [([shard], [norm]) for shard in batch.split(train, 2)])
+            if version == 2:  # SIGKILL-like: Ray restarts the actor, which holds initial weights again
+                local_ray.kill(rollouts.actors[1], no_restart=False)
+            stats = sync_weights(pools, version)
+            paths.append(stats["weight_sync_path"])
+            want = learners.call("export_weights", [()] * 2)[0]
+            for got in _rollout_weights(local_ray, rollouts):
+                for k, v in want.items():
+                    np.testing.assert_array_equal(got[k], v, err_msg=f"version {version}: {k}")
+            if version == 1:
+                assert stats["weight_sync_mb"] == pytest.approx(sum(v.nbytes for v in want.values()) / 1e6)
+    finally:
+        learners.shutdown()
+        rollouts.shutdown()
+    assert paths == ["group", "object_store", "group"]
