@@ -34,6 +34,9 @@ class TransformersBackend:
         self.close_route()
         self.route, self.route_specs = WeightGroup(address, rank, settings), specs
 
+    def in_route(self) -> bool:
+        return self.route is not None
+
     def receive_weights(self) -> None:
         if self.route is None:
             raise RuntimeError("not in the weight route")

@@ -64,6 +64,9 @@ class RolloutActor:
     def join_weight_route(self, address: str, settings, specs: list) -> None:
         self.backend.join_route(address, 1 + self.rank, settings, specs)
 
+    def in_weight_route(self) -> bool:
+        return self.backend.in_route()
+
     def receive_weights(self, version: int) -> dict:
         """One broadcast of the weights. A torn route, or an actor Ray restarted since it joined,
         is reported rather than raised: the driver then falls back to the object store."""

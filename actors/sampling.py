@@ -33,6 +33,8 @@ class RolloutBackend(Protocol):
 
     def join_route(self, address: str, rank: int, settings: Any, specs: list) -> None: ...
 
+    def in_route(self) -> bool: ...
+
     def receive_weights(self) -> None:
         """Receive one broadcast of every spec and load it; raises RuntimeError if the route tore."""
 

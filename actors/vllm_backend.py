@@ -99,6 +99,7 @@ class VLLMBackend:
         from vllm import LLM  # imported here: the package exists only on CUDA machines
 
         self.eos_ids, self.compute_dtype = eos_ids, compute_dtype
+        self.joined = False  # whether the engine's worker holds an end of the weight route
         self.llm = LLM(**engine_kwargs(policy_path, compute_dtype, gpu_memory_utilization, seed))
 
     def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Sample]]:
@@ -114,13 +115,19 @@ class VLLMBackend:
         return self.compute_dtype
 
     def join_route(self, address: str, rank: int, settings, specs: list) -> None:
+        self.joined = False
         self.llm.collective_rpc("rlsr_join_route", args=(address, rank, settings.to_list(), specs_to_rpc(specs)))
+        self.joined = True
+
+    def in_route(self) -> bool:
+        return self.joined
 
     def receive_weights(self) -> None:
         self.llm.collective_rpc("rlsr_receive_weights")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def close_route(self) -> None:
+        self.joined = False
         self.llm.collective_rpc("rlsr_close_route")
 
     def load_weights(self, state_dict: dict) -> None:

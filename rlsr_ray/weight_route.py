@@ -57,6 +57,14 @@ class WeightRoute:
         """Broadcast the weights; None if the route is not open or tore (the caller falls back)."""
         if not self.is_open(learner, rollout):
             return None
+        # An actor Ray restarted since the route opened has no end of it: find out before rank 0
+        # broadcasts to a dead peer and the live ones wait out the timeout.
+        joined = rollout.call("in_weight_route", [()] * rollout.size)
+        if not all(joined):
+            log.warning("rollout actor(s) %s restarted since the weight route opened: this sync goes through the "
+                        "object store and the route is opened again", [i for i, j in enumerate(joined) if not j])
+            self.close(learner, rollout)
+            return None
         sending = learner.submit("send_weights", [()] * learner.size)
         try:
             received = rollout.call("receive_weights", [(version,)] * rollout.size)

@@ -116,7 +116,14 @@ class WeightGroup:
         if settings.backend == "nccl":
             self.pg = dist.ProcessGroupNCCL(store, rank, world_size)
         else:
-            self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = timeout
+            # A file store means every member is on this machine: gloo's pairs then listen on
+            # loopback, not on the address the host name resolves to.
+            host = "127.0.0.1" if address.startswith("file://") else None
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=host) if host
+                                else dist.ProcessGroupGloo.create_default_device()]
+            self.pg = dist.ProcessGroupGloo(store, rank, world_size, options)
         self.barrier()  # every member is connected: the file store is no longer read
         if rank == 0 and address.startswith("file://"):
             Path(address[len("file://"):]).unlink(missing_ok=True)
