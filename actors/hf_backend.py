@@ -18,9 +18,13 @@ class TransformersBackend:
         # carry repetition_penalty, no_repeat_ngram_size, min_length, suppressed tokens...: generate()
         # would apply them silently, so the tokens would come from another distribution than the
         # log-probs below (and the learner's) describe.
+        self.vocab_size = len(tokenizer)
+        # Logits beyond the tokenizer's vocabulary (padded for the kernels) are no token: never
+        # sampled, and out of the log-probs' support as in the learner's (policy.forward_logprobs).
+        padded = range(self.vocab_size, self.model.config.get_text_config().vocab_size)
         self.model.generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id)
+            pad_token_id=tokenizer.pad_token_id, suppress_tokens=list(padded) or None)
         self.tok = tokenizer
         self.compute_dtype, self.device, self.batch_size = compute_dtype, device, batch_size
         self.eos_ids = {tokenizer.eos_token_id}
@@ -86,7 +90,7 @@ class TransformersBackend:
             )
         tokens = out.sequences[:, width:]  # [B, T]
         # Raw logits (before temperature/top-p) -> log-probs at the sampling temperature.
-        logits = torch.stack(out.logits, dim=1).float()  # [B, T, V]
+        logits = torch.stack(out.logits, dim=1)[..., :self.vocab_size].float()  # [B, T, V]
         if not greedy and spec.temperature != 1.0:
             logits = logits / spec.temperature
         lp = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)

@@ -171,7 +171,7 @@ class LearnerActor:
                 out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
             return out.to(d)
 
-        logp = forward_logprobs(self.engine, pb, self.s.temperature, self.s.compute_dtype)
+        logp = forward_logprobs(self.engine, pb, self.s.temperature, self.s.compute_dtype, len(self.tok))
         adv = torch.tensor(t.column("advantage").to_numpy(), dtype=torch.float32, device=d)
         loss, stats = rlsr_loss(logp, padded(old), padded(t.column("ref_logprobs").to_pylist()), adv,
                                 pb.response_mask, self.s.loss, normaliser)
@@ -249,7 +249,8 @@ class LearnerActor:
         model.eval()
         return response_logprobs(model, table.column("prompt_ids").to_pylist(),
                                  table.column("response_ids").to_pylist(), self.tok.pad_token_id,
-                                 self.s.temperature, self.s.compute_dtype, self.s.micro_batch_size, self.device)
+                                 self.s.temperature, self.s.compute_dtype, self.s.micro_batch_size, self.device,
+                                 len(self.tok))
 
     def export_weights(self) -> dict | None:
         """Full CPU state dict on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""

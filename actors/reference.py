@@ -18,7 +18,8 @@ class ReferenceActor:
         self.model = load_causal_lm(policy_path, device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.pad_id = load_tokenizer(policy_path).pad_token_id
+        tok = load_tokenizer(policy_path)
+        self.pad_id, self.vocab_size = tok.pad_token_id, len(tok)
         # Printed to the driver's log: a second line for one rank means Ray restarted this actor.
         print(f"reference actor {rank} ready (pid {os.getpid()})", flush=True)
 
@@ -26,7 +27,7 @@ class ReferenceActor:
         rollouts = batch.check(rollouts, batch.ROLLOUTS, f"reference[{self.rank}] input")
         lps = response_logprobs(
             self.model, rollouts.column("prompt_ids").to_pylist(), rollouts.column("response_ids").to_pylist(),
-            self.pad_id, self.temperature, self.compute_dtype, self.micro_batch_size, self.device,
+            self.pad_id, self.temperature, self.compute_dtype, self.micro_batch_size, self.device, self.vocab_size,
         )
         table = pa.table({
             "group_id": rollouts.column("group_id"), "sample_idx": rollouts.column("sample_idx"),

@@ -24,7 +24,7 @@ class RolloutActor:
             from actors.vllm_backend import VLLMBackend
 
             self.backend = VLLMBackend(policy_path, {self.tok.eos_token_id}, compute_dtype,
-                                       vllm_gpu_memory_utilization)
+                                       vllm_gpu_memory_utilization, vocab_size=len(self.tok))
         else:
             from actors.hf_backend import TransformersBackend
 

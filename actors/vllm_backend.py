@@ -31,9 +31,15 @@ def engine_kwargs(policy_path: str, compute_dtype: str, gpu_memory_utilization: 
     )
 
 
-def sampling_kwargs(spec: SamplingSpec) -> dict[str, Any]:
-    """SamplingParams arguments: n samples, the sampled token's log-prob only (logprobs=0)."""
+def sampling_kwargs(spec: SamplingSpec, token_limit: int | None = None) -> dict[str, Any]:
+    """SamplingParams arguments: n samples, the sampled token's log-prob only (logprobs=0).
+
+    `token_limit`: the tokenizer's vocabulary size where the model has more logits (padded for
+    the kernels); ids from there on are no token and must never be sampled. The whitelist is
+    applied before processed log-probs are taken, as the learner drops those logits too."""
     kwargs: dict[str, Any] = dict(n=spec.n, max_tokens=spec.max_new_tokens, logprobs=0)
+    if token_limit is not None:
+        kwargs["allowed_token_ids"] = list(range(token_limit))
     if spec.temperature == 0:
         kwargs.update(temperature=0.0)
     else:
@@ -95,9 +101,12 @@ class WeightLoaderExtension:
 
 class VLLMBackend:
     def __init__(self, policy_path: str, eos_ids: set[int], compute_dtype: str, gpu_memory_utilization: float,
-                 seed: int = 0):
+                 vocab_size: int, seed: int = 0):
+        from transformers import AutoConfig
         from vllm import LLM  # imported here: the package exists only on CUDA machines
 
+        logits = AutoConfig.from_pretrained(policy_path).get_text_config().vocab_size
+        self.token_limit = vocab_size if logits > vocab_size else None
         self.eos_ids, self.compute_dtype = eos_ids, compute_dtype
         self.joined = False  # whether the engine's worker holds an end of the weight route
         self.llm = LLM(**engine_kwargs(policy_path, compute_dtype, gpu_memory_utilization, seed))
@@ -106,7 +115,7 @@ class VLLMBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(**sampling_kwargs(spec))
+        params = SamplingParams(**sampling_kwargs(spec, self.token_limit))
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [to_samples(o, self.eos_ids) for o in outs]
 

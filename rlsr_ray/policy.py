@@ -100,8 +100,13 @@ def pad_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int
     return PaddedBatch(t(ids), t(mask), t(pos), t(ids[:, P:]), t(mask[:, P:]), P)
 
 
-def forward_logprobs(model, batch: PaddedBatch, temperature: float, compute_dtype: str) -> torch.Tensor:
-    """log pi(response token) for every response position -> [B, T] float32 (graph kept)."""
+def forward_logprobs(model, batch: PaddedBatch, temperature: float, compute_dtype: str,
+                     vocab_size: int | None = None) -> torch.Tensor:
+    """log pi(response token) for every response position -> [B, T] float32 (graph kept).
+
+    `vocab_size`: the tokenizer's; logits beyond it (a vocabulary padded for the kernels, e.g.
+    Qwen2.5's 151,936 logits for 151,665 tokens) are no token and out of pi's support, as they
+    are out of the rollout's sampling."""
     device = batch.input_ids.device
     T = batch.response_ids.shape[1]
     with autocast(str(device), compute_dtype):
@@ -109,19 +114,19 @@ def forward_logprobs(model, batch: PaddedBatch, temperature: float, compute_dtyp
         # predict nothing we score, and skipping them saves a fifth of the forward pass.
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     position_ids=batch.position_ids, use_cache=False, logits_to_keep=T + 1)
-    logits = out.logits[:, :T]  # positions P-1 .. P+T-2 predict response tokens 0 .. T-1
+    logits = out.logits[:, :T, :vocab_size]  # positions P-1 .. P+T-2 predict response tokens 0 .. T-1
     return token_logprobs(logits, batch.response_ids, temperature) * batch.response_mask
 
 
 @torch.no_grad()
 def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                       pad_id: int, temperature: float, compute_dtype: str, micro_batch: int,
-                      device: str = "cpu") -> list[np.ndarray]:
+                      device: str = "cpu", vocab_size: int | None = None) -> list[np.ndarray]:
     """Per-row float32 arrays of response-token log-probs, computed in micro-batches."""
     out: list[np.ndarray] = []
     for s in range(0, len(prompts), micro_batch):
         b = pad_batch(prompts[s:s + micro_batch], responses[s:s + micro_batch], pad_id, device)
-        lp = forward_logprobs(model, b, temperature, compute_dtype).float().cpu().numpy()
+        lp = forward_logprobs(model, b, temperature, compute_dtype, vocab_size).float().cpu().numpy()
         out.extend(lp[i, :len(r)].astype(np.float32) for i, r in enumerate(responses[s:s + micro_batch]))
     return out
 

@@ -292,3 +292,27 @@ def test_model_generation_config_does_not_change_sampling(tiny_policy, prompts, 
         assert r == argmax[i, :len(r)].tolist()
         repeated += len(r) - len(set(r))
     assert repeated > 0  # the penalty, had it been applied, would have forbidden these
+
+
+def test_logits_beyond_the_tokenizer_are_never_sampled_and_out_of_every_logprob(tiny_policy, prompts, tmp_path):
+    """A vocabulary padded for the kernels (Qwen2.5: 151,936 logits, 151,665 tokens): here two thirds
+    of the logits are padding, initialised like real rows, so sampling them would be near certain."""
+    from transformers import AutoModelForCausalLM
+
+    from rlsr_ray.policy import load_tokenizer
+
+    tok = load_tokenizer(tiny_policy)
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy)
+    model.resize_token_embeddings(3 * len(tok))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    path = str(tmp_path)
+    rolled = RolloutActor(path, generate_batch_size=16).generate(prompts, SPEC)
+    sampled = np.concatenate(rolled.column("response_ids").to_numpy(zero_copy_only=False))
+    assert len(sampled) > 20 and sampled.max() < len(tok)
+    rl = np.concatenate(rolled.column("rollout_logprobs").to_numpy(zero_copy_only=False))
+    ref = ReferenceActor(path, micro_batch_size=5).logprobs(rolled)
+    rf = np.concatenate(ref.column("ref_logprobs").to_numpy(zero_copy_only=False))
+    ours = np.concatenate(learner(path, settings()).logprobs(rolled))
+    np.testing.assert_allclose(rl, rf, atol=2e-4)
+    np.testing.assert_allclose(rl, ours, atol=2e-4)

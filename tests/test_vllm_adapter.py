@@ -66,3 +66,9 @@ def test_to_samples_refuses_aborted_or_failed_requests(reason):
     comp = StandInCompletion([5, 6], [{5: StandInLogprob(-0.5)}, {6: StandInLogprob(-0.5)}], reason)
     with pytest.raises(RuntimeError, match=f"finish_reason {reason!r}"):
         to_samples(StandInRequestOutput([comp]), {2})
+
+
+def test_sampling_kwargs_whitelist_the_tokenizer_vocabulary_of_a_padded_model():
+    spec = SamplingSpec(n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0)
+    assert "allowed_token_ids" not in sampling_kwargs(spec)
+    assert sampling_kwargs(spec, token_limit=5)["allowed_token_ids"] == [0, 1, 2, 3, 4]
