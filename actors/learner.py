@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from rlsr_ray import batch
@@ -138,6 +139,8 @@ class LearnerActor:
                   "skipped": 0.0}
         reasons = []
         minibatches = [batch.check(t, batch.TRAIN, f"learner[{self.rank}] input") for t in minibatches]
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         # The PPO anchor is the policy that generated the step: every mini-batch's old log-probs
         # are computed before the first update, or mini-batches 2..k would be anchored to weights
         # already moved by 1..k-1 (ratio back at 1, the clip never bounding the drift).
@@ -157,6 +160,11 @@ class LearnerActor:
                 if "skip_reason" in stats:
                     reasons.append(stats["skip_reason"])
         totals["skip_reasons"] = reasons
+        # Prompt + response tokens through forward and backward: what MFU counts (6 N per token).
+        totals["sequence_tokens"] = float(sum(pc.sum(pc.list_value_length(t.column(c))).as_py() or 0
+                                              for t in minibatches for c in ("prompt_ids", "response_ids")))
+        if self.device.startswith("cuda"):
+            totals["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 1e6
         return totals
 
     def _micro_step(self, t: pa.Table, old: list, normaliser: float, last: bool) -> dict[str, float]:

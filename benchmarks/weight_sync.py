@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 PATHS = ("object_store", "group")
 COMMON = ["--run.eval_before_after=false", "--run.progress=false", "--ray.address=local"]
 
@@ -36,7 +38,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default="weight_sync.json")
     args = ap.parse_args()
-    report = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "steps": args.steps, "paths": {}}
+    from rlsr_ray.policy import cpu_has_fast_bf16
+
+    report = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_fast_bf16(),
+              "steps": args.steps, "paths": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for path in PATHS:
             rows = run(Path(tmp) / path, args.steps, path)[1:]

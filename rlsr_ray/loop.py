@@ -156,13 +156,17 @@ def train(pools: Pools, train_table: pa.Table, plan: StepPlan, aggregation: str)
         log.warning("%d of %d mini-batches not applied: %s", skipped, plan.minibatches_per_step,
                     ", ".join(stats[0]["skip_reasons"]))
     applied = max(plan.minibatches_per_step - skipped, 1)
-    return {
+    out = {
         "pg_loss": tot["pg_sum"] / tokens,
         "kl": tot["kl_sum"] / tokens,
         "clip_fraction": tot["clipped_sum"] / tokens,
         "grad_norm": stats[0]["grad_norm"] / applied,
         "skipped_minibatches": skipped,
+        "train_sequence_tokens": sum(s["sequence_tokens"] for s in stats),
     }
+    if "peak_memory_mb" in stats[0]:  # CUDA learners
+        out["learner_peak_memory_mb"] = max(s["peak_memory_mb"] for s in stats)
+    return out
 
 
 def sync_weights(pools: Pools, version: int) -> dict[str, Any]:

@@ -158,11 +158,12 @@ def weight_route(cfg: Config):
     from rlsr_ray.weight_route import WeightRoute
 
     r, p = cfg.rollout, cfg.pools
-    if r.weight_sync != "group":
+    cuda = _device(p.learner) == "cuda" and _device(p.rollout) == "cuda"
+    if r.weight_sync == "object_store" or (r.weight_sync == "auto" and not cuda):
         return None
     backend = r.weight_sync_backend
     if backend == "auto":
-        backend = "nccl" if _device(p.learner) == "cuda" and _device(p.rollout) == "cuda" else "gloo"
+        backend = "nccl" if cuda else "gloo"
     return WeightRoute(backend, int(r.weight_bucket_mb * 1e6), r.weight_sync_timeout_s)
 
 

@@ -55,7 +55,7 @@ def _wait_steps(proc: subprocess.Popen, out, log, steps: int, timeout_s: float =
 # ray.address=local: a fresh Ray in the driver's session, whatever earlier tests left running.
 BASE = ["tiny", "--ray.address=local", "--run.eval_before_after=false"]
 ARGS = [*BASE, "--run.steps=11", "--run.save_every=1", "--rollout.max_new_tokens=48", "--train.zero_stage=2",
-        "--pools.learner.num_actors=2"]
+        "--pools.learner.num_actors=2", "--rollout.weight_sync=group"]
 COMPARED = ("loss", "kl", "reward_mean", "similarity_mean", "response_length_mean", "grad_norm", "policy_version")
 
 
@@ -86,6 +86,10 @@ def test_actors_killed_mid_run_are_restarted_and_the_run_finishes(tmp_path):
     for role in ("rollout", "reward", "reference"):
         assert text.count(f"{role} actor 0 ready") == 2, role  # started, then restarted once
     assert "re-syncing weights and regenerating" in text
+    # The restarted rollout actor holds no end of the weight route: found before a broadcast, that
+    # sync goes through the object store, and the route reopens (again for the rebuilt learners).
+    assert "restarted since the weight route opened" in text
+    assert text.count("weight route open:") >= 3
     assert "pool learner: actor rank" in text and "learners restored to step" in text
     assert text.count("Started a local Ray instance") == 1  # one run, not a restart of the driver
 

@@ -17,3 +17,14 @@ def test_stale_cluster_record_is_ignored(tmp_path, monkeypatch):
         live.listen()
         (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{live.getsockname()[1]}\n")
         assert running_cluster_address() == f"127.0.0.1:{live.getsockname()[1]}"
+
+
+def test_weight_sync_auto_takes_the_group_on_cuda_and_the_object_store_on_cpu():
+    from rlsr_ray.config import load_config
+    from rlsr_ray.run import weight_route
+
+    assert weight_route(load_config("tiny")) is None  # CPU pools: the object store
+    assert weight_route(load_config("gpu_a100")).backend == "nccl"
+    assert weight_route(load_config("tiny", ["--rollout.weight_sync=group"])).backend == "gloo"
+    assert weight_route(load_config("gpu_a100", ["--rollout.weight_sync_backend=gloo"])).backend == "gloo"
+    assert weight_route(load_config("gpu_a100", ["--rollout.weight_sync=object_store"])) is None
