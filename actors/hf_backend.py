@@ -14,14 +14,14 @@ class TransformersBackend:
         from transformers import GenerationConfig
 
         self.model = load_causal_lm(policy_path, device).eval()
+        # Logits beyond the tokenizer's vocabulary (padded for the kernels) are no token: never
+        # sampled, and out of the log-probs' support as in the learner's (policy.forward_logprobs).
+        self.vocab_size = len(tokenizer)
+        padded = range(self.vocab_size, self.model.config.get_text_config().vocab_size)
         # Sampling is what SamplingSpec says and nothing else. A model's generation_config.json may
         # carry repetition_penalty, no_repeat_ngram_size, min_length, suppressed tokens...: generate()
         # would apply them silently, so the tokens would come from another distribution than the
         # log-probs below (and the learner's) describe.
-        self.vocab_size = len(tokenizer)
-        # Logits beyond the tokenizer's vocabulary (padded for the kernels) are no token: never
-        # sampled, and out of the log-probs' support as in the learner's (policy.forward_logprobs).
-        padded = range(self.vocab_size, self.model.config.get_text_config().vocab_size)
         self.model.generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, suppress_tokens=list(padded) or None)

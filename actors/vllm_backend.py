@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from actors.reaper import child_pids, reap_with_this_process
 from actors.sampling import Sample, SamplingSpec, cut_at_eos
 from rlsr_ray.weight_sync import TensorSpec
 
@@ -96,7 +97,7 @@ class WeightLoaderExtension:
     def rlsr_load_file(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        self.model_runner.model.load_weights(weights=load_file(path, device="cuda").items())
+        self.model_runner.model.load_weights(weights=load_file(path).items())  # CPU tensors: copied into place
 
 
 class VLLMBackend:
@@ -110,6 +111,9 @@ class VLLMBackend:
         self.eos_ids, self.compute_dtype = eos_ids, compute_dtype
         self.joined = False  # whether the engine's worker holds an end of the weight route
         self.llm = LLM(**engine_kwargs(policy_path, compute_dtype, gpu_memory_utilization, seed))
+        # The engine runs in child processes: they must die with this actor, or a restarted actor
+        # finds the GPU still full (actors/reaper.py).
+        self.reaper = reap_with_this_process(child_pids())
 
     def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Sample]]:
         from vllm import SamplingParams
