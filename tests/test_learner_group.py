@@ -115,3 +115,44 @@ def test_weight_route_gives_every_rollout_actor_the_learner_weights_bit_for_bit(
         learners.shutdown()
         rollouts.shutdown()
     assert paths == ["group", "object_store", "group"]
+
+
+def test_object_store_sync_keeps_the_weights_out_of_the_driver(local_ray, tiny_policy, monkeypatch):
+    """Learner rank 0 puts its export into the object store itself; the driver only ever fetches a
+    reference and a byte count, never the state dict (12.9 MB for the tiny policy)."""
+    import numpy as np
+
+    from actors.rollout import RolloutActor
+    from rlsr_ray.loop import Pools, sync_weights
+
+    learners = Pool("learner", LearnerActor, PoolConfig(num_actors=1, num_cpus=0.5),
+                    dict(policy_path=tiny_policy, settings=settings()), ray_restarts=False, call_timeout_s=300)
+    rollouts = Pool("rollout", RolloutActor, PoolConfig(num_actors=1, num_cpus=0.5), dict(policy_path=tiny_policy),
+                    call_timeout_s=300)
+    fetched: list[int] = []
+    real_get = local_ray.get
+
+    def counting_get(refs, *args, **kwargs):
+        value = real_get(refs, *args, **kwargs)
+        stack = [value]
+        while stack:  # the bytes of every array the driver received
+            v = stack.pop()
+            if isinstance(v, np.ndarray):
+                fetched.append(v.nbytes)
+            elif isinstance(v, dict):
+                stack.extend(v.values())
+            elif isinstance(v, (list, tuple)):
+                stack.extend(v)
+        return value
+
+    try:
+        meet = learners.call("rendezvous", [()])[0]
+        learners.call("setup", [(meet,)])
+        monkeypatch.setattr(local_ray, "get", counting_get)
+        stats = sync_weights(Pools(rollouts, None, None, learners), version=1)
+    finally:
+        monkeypatch.undo()
+        learners.shutdown()
+        rollouts.shutdown()
+    assert stats["weight_sync_path"] == "object_store" and stats["weight_sync_mb"] > 10
+    assert sum(fetched) == 0
