@@ -148,6 +148,14 @@ class Tokenized:
     dropped: int  # prompts dropped for length
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template applied to `messages`, ready for the assistant's turn."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def tokenize(examples: list[Example], tokenizer: Any, max_prompt_tokens: int, overflow: str,
              system_prompt: str | None = None) -> Tokenized:
     ids_out, refs, truncated, dropped = [], [], 0, 0
@@ -155,10 +163,7 @@ def tokenize(examples: list[Example], tokenizer: Any, max_prompt_tokens: int, ov
         msgs = list(ex.messages)
         if system_prompt:
             msgs = [{"role": "system", "content": system_prompt}] + msgs
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        ids = list(ids)
+        ids = chat_prompt_ids(tokenizer, msgs)
         if len(ids) > max_prompt_tokens:
             if overflow == "drop":
                 dropped += 1

@@ -1,0 +1,103 @@
+"""`python -m rlsr_ray.serve` on CPU with the tiny policy, driven by a real HTTP client."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from test_e2e import LOOPBACK, _session_listeners
+
+pytestmark = pytest.mark.slow
+
+CHAT = {"messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 6, "temperature": 0.7}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_policy, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.serve", tiny_policy, f"--port={port}", "--name=tiny"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url, proc, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # the server's own orderly stop (Ctrl-C does the same)
+            try:
+                assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # whatever of its Ray is left
+
+
+def test_models_and_a_chat_completion(server):
+    url, _, _ = server
+    assert httpx.get(f"{url}/models").json()["data"][0]["id"] == "tiny"
+    r = httpx.post(f"{url}/chat/completions", json={**CHAT, "model": "tiny"}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert 1 <= body["usage"]["completion_tokens"] <= 6 and body["usage"]["prompt_tokens"] > 0
+
+
+def test_concurrent_requests_all_answered(server):
+    url, _, _ = server
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda i: httpx.post(f"{url}/chat/completions", json={**CHAT, "seed": i}, timeout=120),
+                                range(4)))
+    assert [r.status_code for r in replies] == [200] * 4
+
+
+@pytest.mark.parametrize("content, status, param", [
+    (b"{not json", 400, None),
+    (b'{"model": "tiny"}', 400, "messages"),
+    (b'{"messages": [{"role": "user", "content": 5}]}', 400, "messages[0]"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000000}', 400, "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "temperature"),
+    (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
+])
+def test_malformed_requests_get_a_4xx_and_the_server_goes_on(server, content, status, param):
+    url, proc, _ = server
+    r = httpx.post(f"{url}/chat/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+    assert httpx.post(f"{url}/chat/completions", json=CHAT, timeout=60).status_code == 200
+    assert proc.poll() is None
+
+
+def test_listens_on_loopback_only(server):
+    _, proc, _ = server
+    listeners = _session_listeners(proc.pid)
+    assert len(listeners) >= 3, listeners
+    assert [(a, pid) for a, pid in listeners if a not in LOOPBACK] == []
+
+
+def test_bad_checkpoint_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rlsr_ray.serve", str(tmp_path / "nope")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "not an HF model folder" in proc.stderr
