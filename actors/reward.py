@@ -34,16 +34,26 @@ class RewardActor:
 
     def score(self, rollouts: pa.Table) -> pa.Table:
         rollouts = batch.check(rollouts, batch.ROLLOUTS, f"reward[{self.rank}] input")
-        responses = rollouts.column("response_text").to_pylist()
-        refs = rollouts.column("reference_text").to_pylist()
+        return self.score_checked([rollouts])[0]
+
+    def score_checked(self, tables: list[pa.Table]) -> list[pa.Table]:
+        """REWARDS for each of several checked ROLLOUTS tables, embedded together in one pass (the
+        reward service batches requests of several runs this way; their keys may overlap)."""
+        responses = [x for t in tables for x in t.column("response_text").to_pylist()]
+        refs = [x for t in tables for x in t.column("reference_text").to_pylist()]
         if not responses:
             sim = np.zeros(0, np.float32)
         else:
             sim = cosine_rows(self._embed(responses), self._reference_embeddings(refs))
         reward, lcs, penalized = rlsr_rewards(sim, responses, refs, self.rule)
-        table = pa.table({
-            "group_id": rollouts.column("group_id"), "sample_idx": rollouts.column("sample_idx"),
-            "reward": pa.array(reward, pa.float32()), "similarity": pa.array(sim, pa.float32()),
-            "lcs_chars": pa.array(lcs, pa.int32()), "lcs_penalized": pa.array(penalized, pa.bool_()),
-        })
-        return batch.check(table, batch.REWARDS, f"reward[{self.rank}] output")
+        out, at = [], 0
+        for t in tables:
+            rows = slice(at, at + len(t))
+            at += len(t)
+            table = pa.table({
+                "group_id": t.column("group_id"), "sample_idx": t.column("sample_idx"),
+                "reward": pa.array(reward[rows], pa.float32()), "similarity": pa.array(sim[rows], pa.float32()),
+                "lcs_chars": pa.array(lcs[rows], pa.int32()), "lcs_penalized": pa.array(penalized[rows], pa.bool_()),
+            })
+            out.append(batch.check(table, batch.REWARDS, f"reward[{self.rank}] output"))
+        return out

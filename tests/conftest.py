@@ -34,3 +34,19 @@ def tiny_tokenizer(tiny_policy):
     from rlsr_ray.policy import load_tokenizer
 
     return load_tokenizer(tiny_policy)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray started in this process as rlsr_ray starts one: single-node, loopback only."""
+    from rlsr_ray.run import _single_node_mode
+
+    _single_node_mode()
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

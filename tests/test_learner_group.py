@@ -21,21 +21,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    from rlsr_ray.run import _single_node_mode
-
-    _single_node_mode()
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def train(tiny_policy, tiny_tokenizer, minilm_path):
     from actors.reward import RewardActor
     from actors.rollout import RolloutActor

@@ -1,0 +1,62 @@
+"""The reward as a Ray Serve deployment gives the reward pool's rewards, for concurrent callers
+whose tables it scores in one batch (their keys overlap, as two runs' would)."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from actors.reward import RewardActor
+from rlsr_ray import batch
+from rlsr_ray.reward import PenaltyRule
+
+pytestmark = pytest.mark.slow
+
+REF = "Water boils at 100 degrees Celsius at sea level, which is 212 degrees Fahrenheit. " * 2
+
+
+def rollouts(responses: list[str], refs: list[str]) -> pa.Table:
+    n = len(responses)
+    return pa.Table.from_pydict({
+        "group_id": [0] * n, "sample_idx": list(range(n)), "prompt_ids": [[1]] * n, "reference_text": refs,
+        "response_ids": [[5]] * n, "response_text": responses, "rollout_logprobs": [[-1.0]] * n,
+        "finish_reason": ["stop"] * n, "policy_version": [0] * n,
+    }, schema=batch.ROLLOUTS)
+
+
+@pytest.fixture(scope="module")
+def service(local_ray, minilm_path):
+    from ray import serve
+
+    from rlsr_ray.reward_service import deployment
+
+    try:
+        # A long batch wait so that the two concurrent requests below land in one batch.
+        yield serve.run(deployment(minilm_path, PenaltyRule(), max_batch_size=4, batch_wait_timeout_s=1.0),
+                        name="rlsr_reward", route_prefix=None)
+    finally:
+        serve.shutdown()
+
+
+def test_service_rewards_equal_the_pool_rewards(service, minilm_path):
+    a = rollouts(["It boils at 100 C.", "Bananas are yellow.", REF], [REF] * 3)
+    b = rollouts(["Paris is the capital of France.", "Lyon."], ["The capital of France is Paris."] * 2)
+    pending = [service.score.remote(a), service.score.remote(b)]  # concurrent: one batch
+    got = [p.result(timeout_s=120) for p in pending]
+    pool = RewardActor(minilm_path, PenaltyRule())
+    for table, served in zip((a, b), got):
+        want = pool.score(table)
+        assert served.schema.equals(batch.REWARDS)
+        assert served.select(["group_id", "sample_idx", "lcs_chars", "lcs_penalized"]).equals(
+            want.select(["group_id", "sample_idx", "lcs_chars", "lcs_penalized"]))
+        # Embedding in one batch pads to another length: float32 rounding only.
+        for col in ("reward", "similarity"):
+            np.testing.assert_allclose(served.column(col).to_numpy(), want.column(col).to_numpy(), atol=1e-6)
+    assert got[0].column("reward").to_pylist()[2] == -1.0  # the copy penalty
+    assert service.stats.remote().result(timeout_s=30) == {"batches": 1, "tables": 2, "rows": 5}
+
+
+def test_service_refuses_a_table_off_the_contract(service):
+    bad = pa.table({"group_id": [0]})
+    with pytest.raises(Exception, match="reward service input: missing column"):
+        service.score.remote(bad).result(timeout_s=60)
