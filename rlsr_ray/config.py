@@ -131,6 +131,19 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class RewardServiceConfig:
+    # Score with the reward as a Ray Serve deployment (rlsr_ray/reward_service.py) instead of the
+    # reward pool; placement from pools.reward. An app of this name already running on the
+    # cluster is used as it is, so several runs can share one service.
+    enabled: bool = False
+    app_name: str = "rlsr_reward"
+    max_batch_size: int = 8  # tables (from any run) embedded in one pass
+    batch_wait_timeout_s: float = 0.01
+    min_replicas: int = 1
+    max_replicas: int = 1
+
+
+@dataclass(frozen=True)
 class RunConfig:
     steps: int = 100
     output_dir: str = "outputs/rlsr"
@@ -152,6 +165,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     pools: PoolsConfig = PoolsConfig()
     ray: RayConfig = RayConfig()
+    reward_service: RewardServiceConfig = RewardServiceConfig()
     run: RunConfig = RunConfig()
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,6 +349,10 @@ def validate(cfg: Config) -> None:
         need(t.mini_batch_prompts * r.samples_per_prompt >= cfg.pools.learner.num_actors,
              "train.mini_batch_prompts", "a mini-batch needs at least one sequence per learner",
              t.mini_batch_prompts)
+    rs = cfg.reward_service
+    need(rs.max_batch_size >= 1, "reward_service.max_batch_size", "must be >= 1", rs.max_batch_size)
+    need(1 <= rs.min_replicas <= rs.max_replicas, "reward_service.min_replicas",
+         f"must be in [1, reward_service.max_replicas={rs.max_replicas}]", rs.min_replicas)
     need(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", "must be >= 0", cfg.run.keep_checkpoints)
     need(cfg.run.save_every >= 0, "run.save_every", "must be >= 0", cfg.run.save_every)
     from rlsr_ray.plan import step_plan  # the batch arithmetic must work out (uneven learner splits)

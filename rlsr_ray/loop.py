@@ -93,6 +93,8 @@ def score_and_reference(pools: Pools, rollouts: pa.Table, with_reference: bool =
     timing.update(_ready_after(remote, t0, pools.reward.call_timeout_s))
     rewards = pa.concat_tables([batch.check(t, batch.REWARDS, "rewards")
                                 for t in pools.reward.get(pending_reward, "score", submitted)])
+    if getattr(pools.reward, "deferred", False):  # a service: done when its answer is in
+        timing["reward_s"] = time.perf_counter() - t0
     ref = None
     if pending_ref is not None:
         ref = pa.concat_tables([batch.check(t, batch.REF_LOGPROBS, "ref_logprobs")

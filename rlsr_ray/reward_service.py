@@ -20,7 +20,9 @@ class RewardService:
     def __init__(self, model_path: str, rule: PenaltyRule, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, device: str = "cpu", torch_threads: int = 1):
         from actors.reward import RewardActor
+        from rlsr_ray.serve_loopback import replica_grpc_on_loopback
 
+        replica_grpc_on_loopback()
         self.scorer = RewardActor(model_path, rule, device=device, torch_threads=torch_threads)
         self.score_batch.set_max_batch_size(max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -56,3 +58,74 @@ def deployment(model_path: str, rule: PenaltyRule, *, max_batch_size: int = 8, b
         max_ongoing_requests=max(2 * max_batch_size, 5), ray_actor_options=actor_options,
         autoscaling_config=autoscaling,
     ).bind(model_path, rule, max_batch_size, batch_wait_timeout_s, device, torch_threads)
+
+
+class ServicePool:
+    """The reward service behind the interface the step loop uses for a pool: one shard per call,
+    tables sent as they are (Serve serialises them), the same timeout and one-line errors."""
+
+    remote = False  # tables go straight into the request, not through ray.put
+    size = 1
+    deferred = True  # submit() returns before the work is done: time it at get()
+
+    def __init__(self, handle, call_timeout_s: float, owned: bool, app_name: str):
+        self.role, self.handle, self.call_timeout_s = "reward", handle, call_timeout_s
+        self.owned, self.app_name = owned, app_name
+
+    def submit(self, method: str, per_actor_args: list[tuple]) -> list:
+        if method != "score" or len(per_actor_args) != 1:
+            raise ValueError(f"reward service: no {method} for {len(per_actor_args)} shard(s)")
+        return [self.handle.score.remote(*per_actor_args[0])]
+
+    def get(self, results: list, what: str = "", submitted_at: float | None = None) -> list:
+        import time
+
+        from ray.serve.exceptions import RayServeException
+
+        from actors.pool import ActorFailure, PoolTimeout
+
+        start = time.monotonic() if submitted_at is None else submitted_at
+        values = []
+        for r in results:
+            left = max(0.0, start + self.call_timeout_s - time.monotonic())
+            try:
+                values.append(r.result(timeout_s=left))
+            except TimeoutError:
+                raise PoolTimeout(f"reward service {self.app_name!r}: no answer to {what} within "
+                                  f"{self.call_timeout_s:.0f}s (ray.call_timeout_s)") from None
+            except RayServeException as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ActorFailure("reward", f"reward service {self.app_name!r}: {what} failed: {first}") from e
+        return values
+
+    def call(self, method: str, per_actor_args: list[tuple]) -> list:
+        return self.get(self.submit(method, per_actor_args), method)
+
+    def shutdown(self) -> None:
+        """Delete the app only if this run deployed it; a shared one stays for its other users."""
+        if self.owned:
+            from ray import serve
+
+            serve.delete(self.app_name)
+
+
+def connect(cfg, device: str) -> ServicePool:
+    """The running app named in cfg.reward_service, or a new one deployed with its settings."""
+    from ray import serve
+
+    from rlsr_ray.models import resolve_reward_model
+
+    rs, p, a = cfg.reward_service, cfg.pools.reward, cfg.algo
+    try:
+        return ServicePool(serve.get_app_handle(rs.app_name), cfg.ray.call_timeout_s, False, rs.app_name)
+    except (serve.exceptions.RayServeException, KeyError, ValueError):
+        pass  # not running: deploy it
+    serve.start(http_options={"location": "NoServer"})  # handles only: no HTTP port
+    app = deployment(resolve_reward_model(cfg.model.reward_model),
+                     PenaltyRule(a.lcs_min_chars, a.lcs_min_fraction, a.lcs_penalty),
+                     max_batch_size=rs.max_batch_size, batch_wait_timeout_s=rs.batch_wait_timeout_s,
+                     min_replicas=rs.min_replicas, max_replicas=rs.max_replicas, num_cpus=p.num_cpus,
+                     num_gpus=p.num_gpus, accelerator_type=p.accelerator_type,
+                     device=device, torch_threads=p.torch_threads)
+    handle = serve.run(app, name=rs.app_name, route_prefix=None)
+    return ServicePool(handle, cfg.ray.call_timeout_s, True, rs.app_name)

@@ -140,9 +140,14 @@ def build_pools(cfg: Config, policy_path: str, reward_path: str):
         device=_device(p.rollout), torch_threads=p.rollout.torch_threads,
         generate_batch_size=r.generate_batch_size, vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization),
         **_timeouts(cfg))
-    reward = Pool("reward", RewardActor, p.reward, dict(
-        model_path=reward_path, rule=PenaltyRule(a.lcs_min_chars, a.lcs_min_fraction, a.lcs_penalty),
-        device=_device(p.reward), torch_threads=p.reward.torch_threads), **_timeouts(cfg))
+    if cfg.reward_service.enabled:
+        from rlsr_ray import reward_service
+
+        reward = reward_service.connect(cfg, _device(p.reward))
+    else:
+        reward = Pool("reward", RewardActor, p.reward, dict(
+            model_path=reward_path, rule=PenaltyRule(a.lcs_min_chars, a.lcs_min_fraction, a.lcs_penalty),
+            device=_device(p.reward), torch_threads=p.reward.torch_threads), **_timeouts(cfg))
     reference = Pool("reference", ReferenceActor, p.reference, dict(
         policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=_device(p.reference),
         torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
@@ -203,7 +208,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    remote = any(getattr(cfg.pools, r).num_actors > 0 for r in ("rollout", "reward", "reference", "learner"))
+    remote = cfg.reward_service.enabled or any(
+        getattr(cfg.pools, r).num_actors > 0 for r in ("rollout", "reward", "reference", "learner"))
     started = connect_ray(cfg) if remote else False
     pools = None
     try:

@@ -25,23 +25,10 @@ from fastapi.responses import JSONResponse  # noqa: E402
 from ray import serve  # noqa: E402
 
 from rlsr_ray.chat_api import ApiError, ChatRequest, chat_response, models_response, parse_chat_request  # noqa: E402
+from rlsr_ray.serve_loopback import replica_grpc_on_loopback  # noqa: E402
 
 log = logging.getLogger("rlsr_ray")
 app = FastAPI(title="rlsr_ray policy server")
-
-
-def _replica_grpc_on_loopback() -> None:
-    """Ray 2.60's Serve replica binds its inter-deployment gRPC server to "[::]:0", every
-    interface, with no option to change it. On a Ray whose node is loopback (the single-node one
-    this module starts) nothing needs it from elsewhere: bind it to 127.0.0.1. Runs in the replica
-    before Ray starts that server (after the user class is built)."""
-    import ray
-    from ray.serve._private import replica
-
-    if ray.util.get_node_ip_address() not in ("127.0.0.1", "::1"):
-        return
-    original = replica.add_port_to_grpc_server
-    replica.add_port_to_grpc_server = lambda server, address: original(server, address.replace("[::]", "127.0.0.1"))
 
 
 @serve.deployment(max_ongoing_requests=32, graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=0.5)
@@ -51,7 +38,7 @@ class PolicyServer:
                  max_tokens_limit: int, torch_threads: int):
         from actors.rollout import RolloutActor
 
-        _replica_grpc_on_loopback()
+        replica_grpc_on_loopback()
         self.name, self.max_tokens_limit = name, max_tokens_limit
         self.rollout = RolloutActor(checkpoint, backend=backend, compute_dtype=compute_dtype, device=device,
                                     torch_threads=torch_threads, generate_batch_size=1)

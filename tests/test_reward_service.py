@@ -56,7 +56,43 @@ def test_service_rewards_equal_the_pool_rewards(service, minilm_path):
     assert service.stats.remote().result(timeout_s=30) == {"batches": 1, "tables": 2, "rows": 5}
 
 
+def test_a_run_joins_a_running_service_and_leaves_it_running(service):
+    from rlsr_ray.config import load_config
+    from rlsr_ray.reward_service import connect
+
+    cfg = load_config("tiny", ["--reward_service.enabled=true", "--reward_service.app_name=rlsr_reward"])
+    shared = connect(cfg, "cpu")
+    assert not shared.owned  # found, not deployed
+    out = shared.call("score", [(rollouts(["It boils at 100 C."], [REF]),)])[0]
+    assert out.schema.equals(batch.REWARDS)
+    shared.shutdown()  # this run is done; the service is not its to delete
+    assert service.stats.remote().result(timeout_s=30)["tables"] >= 3
+
+
 def test_service_refuses_a_table_off_the_contract(service):
     bad = pa.table({"group_id": [0]})
     with pytest.raises(Exception, match="reward service input: missing column"):
         service.score.remote(bad).result(timeout_s=60)
+
+
+def test_a_tiny_run_with_the_service_matches_the_run_with_the_pool(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def run(out, *extra):
+        proc = subprocess.run([sys.executable, "-m", "rlsr_ray.run", "tiny", "--ray.address=local", "--run.steps=3",
+                               "--run.progress=false", f"--run.output_dir={out}", *extra],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return rows, json.loads((out / "summary.json").read_text())
+
+    pool_rows, pool_summary = run(tmp_path / "pool")
+    service_rows, service_summary = run(tmp_path / "service", "--reward_service.enabled=true")
+    assert len(service_rows) == 3
+    for a, b in zip(pool_rows, service_rows):
+        for k in ("reward_mean", "similarity_mean", "lcs_penalty_rate", "loss", "kl", "response_length_mean"):
+            assert b[k] == pytest.approx(a[k], abs=1e-6), (a["step"], k)
+    for k in ("before_mean", "after_mean"):
+        assert service_summary["heldout"][k] == pytest.approx(pool_summary["heldout"][k], abs=1e-6)
