@@ -96,3 +96,13 @@ def test_a_tiny_run_with_the_service_matches_the_run_with_the_pool(tmp_path):
             assert b[k] == pytest.approx(a[k], abs=1e-6), (a["step"], k)
     for k in ("before_mean", "after_mean"):
         assert service_summary["heldout"][k] == pytest.approx(pool_summary["heldout"][k], abs=1e-6)
+
+
+def test_a_killed_replica_is_replaced_and_the_call_still_answered(service, local_ray):
+    """Serve's own recovery plays the part of a pool's restart and retry."""
+    names = [a for a in local_ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::rlsr_reward#")]
+    assert len(names) == 1, names
+    local_ray.kill(local_ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+    out = service.score.remote(rollouts(["It boils at 100 C."], [REF])).result(timeout_s=180)
+    assert out.schema.equals(batch.REWARDS) and out.num_rows == 1
