@@ -27,7 +27,6 @@ from ray import serve  # noqa: E402
 from rlsr_ray.chat_api import ApiError, ChatRequest, chat_response, models_response, parse_chat_request  # noqa: E402
 from rlsr_ray.serve_loopback import replica_grpc_on_loopback  # noqa: E402
 
-log = logging.getLogger("rlsr_ray")
 app = FastAPI(title="rlsr_ray policy server")
 
 
