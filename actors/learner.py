@@ -315,13 +315,10 @@ class LearnerActor:
     @staticmethod
     def _cpu_state_dict(model) -> dict:
         """float32 numpy arrays: Ray stores them zero-copy, and readers map them without unpickling."""
-        out, seen = {}, set()
-        for k, v in model.state_dict().items():
-            if v.data_ptr() in seen:  # tied weights (lm_head = embeddings) travel once
-                continue
-            seen.add(v.data_ptr())
-            out[k] = v.detach().to("cpu", dtype=torch.float32, copy=True).numpy()
-        return out
+        sd = model.state_dict()
+        # tensor_specs lists tied weights (lm_head = embeddings) once, as the weight route sends them.
+        return {s.name: sd[s.name].detach().to("cpu", dtype=torch.float32, copy=True).numpy()
+                for s in tensor_specs(sd)}
 
     def save_pretrained(self, path: str, trainer_state: dict | None = None) -> str | None:
         """Write an HF folder (safetensors + tokenizer) atomically; every rank must call it.

@@ -86,8 +86,8 @@ class WeightRoute:
     def close(self, learner: Pool, rollout: Pool) -> None:
         """Every member drops its end; a dead member's call fails and is ignored (it has no end)."""
         self.opened_for = None
-        for pool, method in ((learner, "close_weight_route"), (rollout, "close_weight_route")):
+        for pool in (learner, rollout):
             try:
-                pool.call(method, [()] * pool.size)
+                pool.call("close_weight_route", [()] * pool.size)
             except Exception as e:  # noqa: BLE001 - best effort: the route is abandoned either way
-                log.debug("pool %s: %s failed while closing the route: %s", pool.role, method, e)
+                log.debug("pool %s: close_weight_route failed while closing the route: %s", pool.role, e)
