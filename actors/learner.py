@@ -26,6 +26,7 @@ from rlsr_ray import batch
 from rlsr_ray.loss import LossSettings, rlsr_loss
 from rlsr_ray.policy import (forward_logprobs, load_causal_lm, load_tokenizer, pad_batch, resolve_compute_dtype,
                              response_logprobs, set_threads, state_dict_to_torch)
+from rlsr_ray.selection import MinibatchParts
 from rlsr_ray.weight_sync import RouteSettings, WeightGroup, tensor_specs
 
 
@@ -132,8 +133,21 @@ class LearnerActor:
             return table.column("rollout_logprobs").to_pylist()
         return [x.tolist() for x in self.logprobs(table)]
 
-    def train_step(self, minibatches: list[pa.Table], normalisers: list[float]) -> dict[str, float]:
-        """One optimizer step per mini-batch; returns summed statistics over all of them."""
+    def train_parts(self, parts: list[MinibatchParts], rollout_tables: int, *tables: pa.Table) -> dict[str, float]:
+        """train_step on mini-batches this learner assembles itself from pieces of the rollout
+        tables (the first `rollout_tables` of `tables`) and the reference tables (the rest), which
+        Ray hands over straight from the actors that made them."""
+        trains = batch.assemble_train(parts, tables[:rollout_tables], tables[rollout_tables:],
+                                      f"learner[{self.rank}] input")
+        return self.train_step(trains, [p.normaliser for p in parts], [p.micro_steps for p in parts])
+
+    def train_step(self, minibatches: list[pa.Table], normalisers: list[float],
+                   micro_steps: list[int] | None = None) -> dict[str, float]:
+        """One optimizer step per mini-batch; returns summed statistics over all of them.
+
+        Mini-batches may differ in size (dynamic sampling drops groups). Every learner makes
+        `micro_steps[i]` forward/backward passes on mini-batch i, so the gradient collectives stay
+        matched; a learner short of rows repeats its first micro-batch at zero weight."""
         eng, s = self.engine, self.s
         totals = {"tokens": 0.0, "pg_sum": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "grad_norm": 0.0,
                   "skipped": 0.0}
@@ -145,15 +159,20 @@ class LearnerActor:
         # are computed before the first update, or mini-batches 2..k would be anchored to weights
         # already moved by 1..k-1 (ratio back at 1, the clip never bounding the drift).
         anchors = [self._old_logprobs(t) for t in minibatches]
-        for table, old, norm in zip(minibatches, anchors, normalisers):
+        if micro_steps is None:
+            micro_steps = [s.micro_steps] * len(minibatches)
+        for table, old, norm, passes in zip(minibatches, anchors, normalisers, micro_steps):
             eng.train()  # after scoring, which switches the module to eval
             rows = len(table)
             chunks = [(a, min(a + s.micro_batch_size, rows)) for a in range(0, rows, s.micro_batch_size)]
-            if len(chunks) != s.micro_steps:
+            if not chunks or len(chunks) > passes:
                 raise ValueError(f"learner[{self.rank}]: {rows} rows make {len(chunks)} micro-batches, "
-                                 f"planned {s.micro_steps}")
-            for i, (a, b) in enumerate(chunks):
-                stats = self._micro_step(table.slice(a, b - a), old[a:b], norm, last=i == len(chunks) - 1)
+                                 f"planned {passes}")
+            weights = [1.0] * len(chunks) + [0.0] * (passes - len(chunks))
+            chunks += [chunks[0]] * (passes - len(chunks))
+            for i, ((a, b), weight) in enumerate(zip(chunks, weights)):
+                stats = self._micro_step(table.slice(a, b - a), old[a:b], norm, last=i == passes - 1,
+                                         weight=weight)
                 for k in ("tokens", "pg_sum", "kl_sum", "clipped_sum", "grad_norm", "skipped"):
                     value = stats.get(k, 0.0)
                     totals[k] += value if np.isfinite(value) else 0.0  # a skipped batch's NaNs stay out
@@ -167,8 +186,12 @@ class LearnerActor:
             totals["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 1e6
         return totals
 
-    def _micro_step(self, t: pa.Table, old: list, normaliser: float, last: bool) -> dict[str, float]:
+    def _micro_step(self, t: pa.Table, old: list, normaliser: float, last: bool,
+                    weight: float = 1.0) -> dict[str, float]:
+        """weight 0: a padding pass that keeps this rank's collectives in step with the others."""
         d = self.device
+        # The caller owns the boundary: mini-batches need not hold DeepSpeed's configured count.
+        self.engine.set_gradient_accumulation_boundary(last)
         pb = pad_batch(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist(),
                        self.tok.pad_token_id, d)
         T = pb.response_ids.shape[1]
@@ -183,6 +206,9 @@ class LearnerActor:
         adv = torch.tensor(t.column("advantage").to_numpy(), dtype=torch.float32, device=d)
         loss, stats = rlsr_loss(logp, padded(old), padded(t.column("ref_logprobs").to_pylist()), adv,
                                 pb.response_mask, self.s.loss, normaliser)
+        if weight != 1.0:
+            loss = loss * weight
+            stats = {k: v * weight for k, v in stats.items()}
         # A non-finite loss must never reach the weights. Every rank takes the same decision, so
         # the gradient collectives inside backward() stay matched across the group.
         if self._on_any_rank(not bool(torch.isfinite(loss))):
@@ -320,12 +346,14 @@ class LearnerActor:
         return {s.name: sd[s.name].detach().to("cpu", dtype=torch.float32, copy=True).numpy()
                 for s in tensor_specs(sd)}
 
-    def save_pretrained(self, path: str, trainer_state: dict | None = None) -> str | None:
+    def save_pretrained(self, path: str, trainer_state: dict | None = None,
+                        pending: dict | None = None) -> str | None:
         """Write an HF folder (safetensors + tokenizer) atomically; every rank must call it.
 
         With `trainer_state`, the folder is a resumable checkpoint: optimizer state (ZeRO-0: one
-        copy, since every rank holds all of it; ZeRO >= 1: one shard per rank), RNG state, and
-        trainer_state.json last.
+        copy, since every rank holds all of it; ZeRO >= 1: one shard per rank), RNG state, the
+        rollouts generated ahead for later steps (`pending`, step -> table; rank 0 writes them),
+        and trainer_state.json last.
         """
         import shutil
 
@@ -356,7 +384,8 @@ class LearnerActor:
             if self.s.zero_stage == 0:
                 checkpoint.save_nested(self.engine.optimizer.state_dict(), tmp, names[0])
             checkpoint.save_nested({"torch": torch.get_rng_state()}, tmp, "rng")
-            checkpoint.write_state(tmp, {**trainer_state, "optimizer": layout})
+            steps = checkpoint.save_pending(tmp, pending or {})
+            checkpoint.write_state(tmp, {**trainer_state, "optimizer": layout, "pending_steps": steps})
         checkpoint.publish(tmp, target)
         return str(target)
 

@@ -58,7 +58,7 @@ class Pool:
                 num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0),
                 resources={k: v for k, v in b.items() if k not in ("CPU", "GPU")},
                 # A restarted actor re-runs __init__ and Ray re-sends the interrupted call to it;
-                # the driver re-syncs weights where a restart lost them (loop.generate).
+                # the driver re-syncs weights where a restart lost them (pipeline.finish_generation).
                 max_restarts=restarts, max_task_retries=restarts, runtime_env={"env_vars": env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
                 name=None,
@@ -95,12 +95,17 @@ class Pool:
                          need[0], ray.available_resources())
                 next_log = waited + 30.0
 
-    def submit(self, method: str, per_actor_args: list[tuple]) -> list[Any]:
-        """Call `method` on each actor with its own args; returns refs (remote) or values (local)."""
+    def submit(self, method: str, per_actor_args: list[tuple], num_returns: int = 1) -> list[Any]:
+        """Call `method` on each actor with its own args; returns refs (remote) or values (local).
+        num_returns > 1: the method returns a tuple, and each actor's entry is a tuple of refs, so
+        the caller can fetch one part (a summary) and pass another (a table) on unfetched."""
         if len(per_actor_args) != len(self.actors):
             raise ValueError(f"pool {self.role}: {len(per_actor_args)} arg sets for {len(self.actors)} actors")
         if not self.remote:
             return [getattr(a, method)(*args) for a, args in zip(self.actors, per_actor_args)]
+        if num_returns != 1:
+            return [tuple(getattr(a, method).options(num_returns=num_returns).remote(*args))
+                    for a, args in zip(self.actors, per_actor_args)]
         return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor_args)]
 
     def broadcast(self, method: str, *args: Any) -> list[Any]:

@@ -7,6 +7,7 @@ import pyarrow as pa
 
 from rlsr_ray import batch
 from rlsr_ray.policy import load_causal_lm, load_tokenizer, resolve_compute_dtype, response_logprobs, set_threads
+from rlsr_ray.selection import Piece, gather
 
 
 class ReferenceActor:
@@ -34,3 +35,13 @@ class ReferenceActor:
             "ref_logprobs": pa.array([x.tolist() for x in lps], pa.list_(pa.float32())),
         })
         return batch.check(table, batch.REF_LOGPROBS, f"reference[{self.rank}] output")
+
+    def logprobs_parts(self, selection: list[Piece], *rollouts: pa.Table) -> pa.Table:
+        """logprobs() of the rows a selection names in rollout tables passed by reference."""
+        return self.logprobs(gather(rollouts, selection, batch.ROLLOUTS))
+
+    def logprobs_counted(self, selection: list[Piece], *rollouts: pa.Table) -> tuple[pa.Table, int]:
+        """logprobs_parts() and its row count: called with two returns, so the driver waits on
+        the count and the learners read the table."""
+        table = self.logprobs_parts(selection, *rollouts)
+        return table, len(table)

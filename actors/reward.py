@@ -9,6 +9,7 @@ import pyarrow as pa
 from rlsr_ray import batch
 from rlsr_ray.policy import set_threads
 from rlsr_ray.reward import PenaltyRule, cosine_rows, rlsr_rewards
+from rlsr_ray.selection import Piece, gather
 
 
 class RewardActor:
@@ -35,6 +36,10 @@ class RewardActor:
     def score(self, rollouts: pa.Table) -> pa.Table:
         rollouts = batch.check(rollouts, batch.ROLLOUTS, f"reward[{self.rank}] input")
         return self.score_checked([rollouts])[0]
+
+    def score_parts(self, selection: list[Piece], *rollouts: pa.Table) -> pa.Table:
+        """score() of the rows a selection names in rollout tables passed by reference."""
+        return self.score(gather(rollouts, selection, batch.ROLLOUTS))
 
     def score_checked(self, tables: list[pa.Table]) -> list[pa.Table]:
         """REWARDS for each of several checked ROLLOUTS tables, embedded together in one pass (the

@@ -7,6 +7,7 @@ import pyarrow as pa
 
 from actors.sampling import RolloutBackend, SamplingSpec
 from rlsr_ray import batch
+from rlsr_ray.selection import rollout_summary
 from rlsr_ray.policy import load_tokenizer, resolve_compute_dtype, set_threads
 
 
@@ -51,6 +52,12 @@ class RolloutActor:
                 cols["policy_version"].append(self.policy_version)
         table = pa.Table.from_pydict(cols, schema=batch.ROLLOUTS)
         return batch.check(table, batch.ROLLOUTS, f"rollout[{self.rank}] output")
+
+    def generate_summarised(self, prompts: pa.Table, spec: SamplingSpec) -> tuple[pa.Table, dict]:
+        """generate() and its summary: called with two returns, so the driver fetches only the
+        summary and hands the table on to the reward, reference and learner actors by reference."""
+        table = self.generate(prompts, spec)
+        return table, rollout_summary(table)
 
     def load_weights(self, state_dict: dict, version: int) -> int:
         self.backend.load_weights(state_dict)

@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rlsr_ray.selection import MinibatchParts, contiguous, gather
+
 KEY = ["group_id", "sample_idx"]
 
 PROMPTS = pa.schema([
@@ -45,6 +47,9 @@ REF_LOGPROBS = pa.schema([
     pa.field("sample_idx", pa.int32(), nullable=False),
     pa.field("ref_logprobs", pa.list_(pa.float32()), nullable=False),  # [L] log pi_ref(token)
 ])
+
+# The driver's answer to a step's rewards: what the learners join onto rollouts (small: no lists).
+SCORES = pa.schema(list(REWARDS) + [pa.field("advantage", pa.float32(), nullable=False)])
 
 TRAIN = pa.schema(
     list(ROLLOUTS)
@@ -137,9 +142,17 @@ def join(left: pa.Table, right: pa.Table, where: str) -> pa.Table:
 
 def split(table: pa.Table, n: int) -> list[pa.Table]:
     """n contiguous, near-equal slices (whole groups are not required to stay together)."""
-    sizes = [len(table) // n + (1 if i < len(table) % n else 0) for i in range(n)]
-    out, start = [], 0
-    for s in sizes:
-        out.append(table.slice(start, s))
-        start += s
+    return [table.slice(start, rows) for start, rows in contiguous(len(table), n)]
+
+
+def assemble_train(parts: list[MinibatchParts], rollouts: tuple[pa.Table, ...], ref_logprobs: tuple[pa.Table, ...],
+                   where: str) -> list[pa.Table]:
+    """A learner's TRAIN mini-batches from pieces of rollout and reference tables plus SCORES,
+    each input checked as it arrives (the join checks that every row finds its partner)."""
+    out = []
+    for p in parts:
+        rows = check(gather(rollouts, p.rollouts, ROLLOUTS), ROLLOUTS, where)
+        ref = check(gather(ref_logprobs, p.ref_logprobs, REF_LOGPROBS), REF_LOGPROBS, where)
+        scores = check(p.scores, SCORES, where)
+        out.append(join(join(rows, scores, where), ref, where))
     return out

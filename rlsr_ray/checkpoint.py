@@ -5,6 +5,8 @@
         optimizer.safetensors + optimizer.json        ZeRO-0 optimizer state: tensors + a JSON skeleton
         optimizer_rank{r}.safetensors + .json         ZeRO >= 1: rank r's optimizer partition
         rng.safetensors + rng.json                    torch RNG state
+        pending_rollouts/step_M.parquet               off-policy runs: rollouts already generated for
+                                                      later steps (their prompts are past the cursor)
         trainer_state.json                            step, policy version, data cursor, reference
 
 A checkpoint is written under step_N.tmp and renamed when complete, so a directory named step_N is
@@ -194,3 +196,31 @@ def load_nested(folder: Path, name: str) -> Any:
         return unflatten(skeleton, tensors)
     except KeyError as e:
         raise CheckpointError(f"{folder}: {name}.json names tensor {e} that is not stored") from None
+
+
+PENDING_DIR = "pending_rollouts"
+
+
+def save_pending(folder: Path, tables: dict[int, Any]) -> list[int]:
+    """ROLLOUTS tables generated ahead for later steps (step index -> table), as Parquet."""
+    import pyarrow.parquet as pq
+
+    if tables:
+        (folder / PENDING_DIR).mkdir()
+    for step, table in sorted(tables.items()):
+        pq.write_table(table, folder / PENDING_DIR / f"step_{step:06d}.parquet")
+    return sorted(tables)
+
+
+def load_pending(folder: Path, steps: list[int]) -> dict[int, Any]:
+    import pyarrow.parquet as pq
+
+    from rlsr_ray import batch
+
+    out = {}
+    for step in steps:
+        path = folder / PENDING_DIR / f"step_{step:06d}.parquet"
+        if not path.exists():
+            raise CheckpointError(f"{folder}: {PENDING_DIR}/{path.name} is missing")
+        out[step] = batch.check(pq.read_table(path), batch.ROLLOUTS, str(path))
+    return out

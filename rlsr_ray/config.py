@@ -81,6 +81,15 @@ class AlgoConfig:
     # Recompute old log-probs on the learners before updating (needed when the rollout engine's
     # numerics differ from the learner's, e.g. vLLM); otherwise rollout log-probs are used.
     recompute_old_logprobs: bool = False
+    # Off-policy overlap: generation for step t+k runs while the learners train step t, on weights
+    # up to k versions old; the importance ratio uses the generating policy's log-probs. 0: on-policy.
+    max_staleness: int = 0
+    # Dynamic sampling: drop groups whose reward spread (max - min) is within group_spread_rtol of
+    # their largest |reward| (cosine rewards rarely tie exactly, but near-ties carry only noise)
+    # and generate further prompts in their place, at most max_refill_rounds times per step.
+    dynamic_sampling: bool = False
+    group_spread_rtol: float = 0.01
+    max_refill_rounds: int = 2
 
 
 @dataclass(frozen=True)
@@ -329,6 +338,13 @@ def validate(cfg: Config) -> None:
     need(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", a.kl_coef)
     need(0 < a.clip_eps < 1, "algo.clip_eps", "must be in (0, 1)", a.clip_eps)
     need(0 <= a.lcs_min_fraction <= 1, "algo.lcs_min_fraction", "must be in [0, 1]", a.lcs_min_fraction)
+    need(a.max_staleness >= 0, "algo.max_staleness", "must be >= 0", a.max_staleness)
+    # Recomputed old log-probs come from the learners' current weights, not the weights that
+    # generated a stale rollout, so the ratio would no longer correct for the staleness.
+    need(a.max_staleness == 0 or not a.recompute_old_logprobs, "algo.max_staleness",
+         "off-policy rollouts need their own log-probs: set algo.recompute_old_logprobs=false", a.max_staleness)
+    need(a.group_spread_rtol >= 0, "algo.group_spread_rtol", "must be >= 0", a.group_spread_rtol)
+    need(a.max_refill_rounds >= 0, "algo.max_refill_rounds", "must be >= 0", a.max_refill_rounds)
     need(cfg.run.steps >= 0, "run.steps", "must be >= 0", cfg.run.steps)
     need(cfg.data.heldout_size >= 0, "data.heldout_size", "must be >= 0", cfg.data.heldout_size)
     need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", cfg.data.max_prompt_tokens)

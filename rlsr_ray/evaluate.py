@@ -12,13 +12,14 @@ import numpy as np
 import pyarrow as pa
 
 from actors.sampling import SamplingSpec
-from rlsr_ray.loop import Pools, generate, score_and_reference
+from rlsr_ray.pipeline import Pools, fetch_rollouts, finish_generation, score, start_generation
 
 
 def heldout_similarity(pools: Pools, prompts: pa.Table, max_new_tokens: int) -> dict[str, Any]:
     spec = SamplingSpec(n=1, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
-    rollouts = generate(pools, prompts, spec)
-    rewards, _, _ = score_and_reference(pools, rollouts, with_reference=False)
+    gen = finish_generation(pools, start_generation(pools, prompts, spec, step=-1))
+    rewards = score(pools, gen, with_reference=False).rewards
+    rollouts = fetch_rollouts(pools, gen)
     sims = dict(zip(rewards.column("group_id").to_pylist(), rewards.column("similarity").to_pylist()))
     order = rollouts.column("group_id").to_pylist()
     return {

@@ -43,3 +43,23 @@ def _all_equal(rewards: np.ndarray, inverse: np.ndarray) -> np.ndarray:
     np.minimum.at(lo, inverse, rewards)
     np.maximum.at(hi, inverse, rewards)
     return (hi - lo == 0)[inverse]
+
+
+def informative_groups(rewards: np.ndarray, group_ids: np.ndarray, rtol: float) -> np.ndarray:
+    """Per group (in order of first appearance): does its reward spread carry signal?
+
+    Cosine rewards almost never tie exactly, so `_all_equal` rarely fires; a group whose spread
+    (max - min) is within `rtol` of its largest |reward| is noise that std-normalisation would
+    blow up to unit-size advantages. Groups of one never carry signal. rtol=0 keeps every group
+    with any spread at all.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    ids, first, inverse, counts = np.unique(np.asarray(group_ids), return_index=True, return_inverse=True,
+                                            return_counts=True)
+    lo = np.full(len(ids), np.inf)
+    hi = np.full(len(ids), -np.inf)
+    np.minimum.at(lo, inverse, rewards)
+    np.maximum.at(hi, inverse, rewards)
+    scale = np.maximum(np.abs(lo), np.abs(hi))
+    keep = (counts > 1) & (hi - lo > rtol * scale)
+    return keep[np.argsort(first)]

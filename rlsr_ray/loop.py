@@ -2,168 +2,153 @@
 
     prompts -> rollout -> (reward || reference) -> advantages -> learners -> weights -> rollout
 
-The driver slices data per actor before it enters the object store, checks every table that comes
-back against the Arrow contract, joins by key, and times each phase for metrics.jsonl.
+The generation a step trains on may have been started earlier (algo.max_staleness > 0 overlaps it
+with the previous step's training). With dynamic sampling, groups whose rewards barely differ are
+dropped and further prompts are generated until the step has train.prompts_per_step groups or
+algo.max_refill_rounds is spent. Data moves as references (rlsr_ray/pipeline.py); the driver
+reads rewards and summaries only, and times each phase for metrics.jsonl.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from actors.pool import Pool
 from actors.sampling import SamplingSpec
 from rlsr_ray import batch
 from rlsr_ray.config import Config
-from rlsr_ray.grpo import group_advantages
-from rlsr_ray.plan import StepPlan
-from rlsr_ray.weight_route import WeightRoute
+from rlsr_ray.grpo import group_advantages, informative_groups
+from rlsr_ray.pipeline import (Generation, Pools, Scored, finish_generation, nonfinite_reason, score,
+                               start_generation, sync_weights)
+from rlsr_ray.plan import StepPlan, minibatch_rows
+from rlsr_ray.selection import MinibatchParts, pieces, runs, used
 
 log = logging.getLogger("rlsr_ray")
 
-
-@dataclass
-class Pools:
-    rollout: Pool
-    reward: Pool
-    reference: Pool
-    learner: Pool
-
-    route: WeightRoute | None = None  # learner rank 0 -> rollout actors; None: object store only
-    policy_version: int = 0  # the version every rollout actor should hold (set by sync_weights)
-
-    def all(self) -> list[Pool]:
-        return [self.rollout, self.reward, self.reference, self.learner]
+__all__ = ["Pools", "rlsr_step", "sampling_spec", "sync_weights", "build_train_table", "nonfinite_reason"]
 
 
-def _put(pool: Pool, tables: list[pa.Table]) -> list[Any]:
-    """Object refs for remote pools (one put per shard), the tables themselves for local ones."""
-    if not pool.remote:
-        return tables
-    import ray
-
-    return [ray.put(t) for t in tables]
-
-
-def generate(pools: Pools, prompts: pa.Table, spec: SamplingSpec) -> pa.Table:
-    shards = _put(pools.rollout, batch.split(prompts, pools.rollout.size))
-    outs = pools.rollout.call("generate", [(s, spec) for s in shards])
-    table = pa.concat_tables([batch.check(t, batch.ROLLOUTS, "rollouts") for t in outs])
-    stale = pc.min(table.column("policy_version")).as_py() if len(table) else pools.policy_version
-    if stale != pools.policy_version:
-        # A rollout actor restarted (Ray re-ran __init__: initial weights) and Ray retried the
-        # call on it. Give every actor the current weights, then generate this step again.
-        log.warning("rollout actor came back with policy version %s instead of %d: re-syncing weights and "
-                    "regenerating", stale, pools.policy_version)
-        sync_weights(pools, pools.policy_version)
-        outs = pools.rollout.call("generate", [(s, spec) for s in shards])
-        table = pa.concat_tables([batch.check(t, batch.ROLLOUTS, "rollouts") for t in outs])
-    if len(table) != len(prompts) * spec.n:
-        raise batch.BatchError(f"rollouts: expected {len(prompts) * spec.n} rows, got {len(table)}")
-    return table
-
-
-def score_and_reference(pools: Pools, rollouts: pa.Table, with_reference: bool = True
-                        ) -> tuple[pa.Table, pa.Table | None, dict[str, float]]:
-    """Reward and reference pools score the same rollouts concurrently.
-
-    Timing: `reward_s` and `reference_s` are each from the shared start until that pool's last
-    result was ready, whichever finished first, so their overlap shows (the phase's wall time is
-    the larger). Pools running in the driver run one after the other and are timed on their own.
-    """
-    t0, submitted = time.perf_counter(), time.monotonic()
-    reward_shards = batch.split(rollouts, pools.reward.size)
-    reward_refs = _put(pools.reward, reward_shards)
-    pending_reward = pools.reward.submit("score", [(r,) for r in reward_refs])
-    timing = {"reward_s": time.perf_counter() - t0}  # local pools: already done
-    pending_ref = None
-    if with_reference:
-        t_ref = time.perf_counter()
-        same = pools.reference.size == pools.reward.size and pools.reference.remote == pools.reward.remote
-        ref_refs = reward_refs if same else _put(pools.reference, batch.split(rollouts, pools.reference.size))
-        pending_ref = pools.reference.submit("logprobs", [(r,) for r in ref_refs])
-        timing["reference_s"] = time.perf_counter() - t_ref
-    remote = {"reward_s": pending_reward if pools.reward.remote else [],
-              "reference_s": pending_ref if pending_ref is not None and pools.reference.remote else []}
-    timing.update(_ready_after(remote, t0, pools.reward.call_timeout_s))
-    rewards = pa.concat_tables([batch.check(t, batch.REWARDS, "rewards")
-                                for t in pools.reward.get(pending_reward, "score", submitted)])
-    if getattr(pools.reward, "deferred", False):  # a service: done when its answer is in
-        timing["reward_s"] = time.perf_counter() - t0
-    ref = None
-    if pending_ref is not None:
-        ref = pa.concat_tables([batch.check(t, batch.REF_LOGPROBS, "ref_logprobs")
-                                for t in pools.reference.get(pending_ref, "logprobs", submitted)])
-    return rewards, ref, timing
-
-
-def _ready_after(pending: dict[str, list[Any]], t0: float, timeout_s: float) -> dict[str, float]:
-    """Seconds from t0 until all of each named list of ObjectRefs were ready (a failure counts as
-    ready: Pool.get reports it). Stops at the timeout and leaves that to Pool.get to report."""
-    if not any(pending.values()):
-        return {}
-    import ray
-
-    owner = {ref: name for name, refs in pending.items() for ref in refs}
-    left = {name: len(refs) for name, refs in pending.items() if refs}
-    out: dict[str, float] = {}
-    deadline = time.monotonic() + timeout_s
-    while owner:
-        ready, _ = ray.wait(list(owner), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        name = owner.pop(ready[0])
-        left[name] -= 1
-        if left[name] == 0:
-            out[name] = time.perf_counter() - t0
-    return out
+def sampling_spec(cfg: Config, step: int, refill_round: int = 0) -> SamplingSpec:
+    r = cfg.rollout
+    return SamplingSpec(r.samples_per_prompt, r.max_new_tokens, r.temperature, r.top_p,
+                        seed=cfg.run.seed * 1_000_003 + step + 7919 * refill_round)
 
 
 def build_train_table(rollouts: pa.Table, rewards: pa.Table, ref: pa.Table, std_norm: bool) -> pa.Table:
+    """TRAIN rows from whole tables in one process (the learners build theirs from pieces)."""
     joined = batch.join(batch.join(rollouts, rewards, "rollouts+rewards"), ref, "rollouts+ref_logprobs")
     adv = group_advantages(joined.column("reward").to_numpy(), joined.column("group_id").to_numpy(), std_norm)
     joined = joined.append_column("advantage", pa.array(adv, pa.float32()))
     return batch.check(joined, batch.TRAIN, "train")
 
 
-def minibatch_shards(train: pa.Table, plan: StepPlan, aggregation: str
-                     ) -> tuple[list[list[pa.Table]], list[float]]:
-    """Per learner, its slice of each mini-batch; plus each mini-batch's loss normaliser."""
-    # Shuffle-free and deterministic: mini-batches are consecutive groups in prompt order.
-    per_learner: list[list[pa.Table]] = [[] for _ in range(plan.learner_world_size)]
-    norms = []
-    for m in range(plan.minibatches_per_step):
-        mb = train.slice(m * plan.rows_per_minibatch, plan.rows_per_minibatch)
-        if aggregation == "token_mean":
-            norms.append(float(max(1, pc.sum(pc.list_value_length(mb.column("response_ids"))).as_py() or 0)))
-        else:
-            norms.append(float(len(mb)))
-        for rank, shard in enumerate(batch.split(mb, plan.learner_world_size)):
-            per_learner[rank].append(shard)
-    return per_learner, norms
+@dataclass
+class Rounds:
+    """Every generation a step made (the first, then refills), and which of their rows it trains on."""
+    gens: list[Generation]
+    scored: list[Scored]
+    kept_rows: np.ndarray  # [K] indices into the rounds' rows, all rounds concatenated in order
+    groups_dropped: int = 0
+    refill_prompts: int = 0
+
+    @property
+    def rewards(self) -> pa.Table:
+        return pa.concat_tables([s.rewards for s in self.scored])
 
 
-def train(pools: Pools, train_table: pa.Table, plan: StepPlan, aggregation: str) -> dict[str, float]:
-    shards, norms = minibatch_shards(train_table, plan, aggregation)
-    stats = pools.learner.call("train_step", [(s, norms) for s in shards])
+def _kept_groups(cfg: Config, rewards: pa.Table) -> np.ndarray:
+    """Per group of one generation (in row order): train on it?"""
+    a = cfg.algo
+    gids = rewards.column("group_id").to_numpy()
+    if not a.dynamic_sampling:
+        return np.ones(len(np.unique(gids)), bool)
+    return informative_groups(rewards.column("reward").to_numpy(), gids, a.group_spread_rtol)
+
+
+def collect(cfg: Config, pools: Pools, gen: Generation, step: int,
+            draw: Callable[[int, int], pa.Table]) -> tuple[Rounds, str | None]:
+    """Generate (refilling dropped groups) and score; returns the rounds and, if the step must be
+    skipped for non-finite rewards, why."""
+    n, want = cfg.rollout.samples_per_prompt, cfg.train.prompts_per_step
+    gens, scored, kept, offset, dropped, refill = [], [], [], 0, 0, 0
+    while True:
+        gen = finish_generation(pools, gen)
+        s = score(pools, gen)
+        gens.append(gen)
+        scored.append(s)
+        reason = nonfinite_reason(s.rewards)
+        if reason:
+            return Rounds(gens, scored, np.zeros(0, np.int64)), reason
+        keep = _kept_groups(cfg, s.rewards)
+        dropped += int((~keep).sum())
+        kept += [offset + g * n + np.arange(n) for g in np.nonzero(keep)[0]]
+        offset += gen.rows
+        missing = want - len(kept)
+        if missing <= 0 or len(gens) > cfg.algo.max_refill_rounds:
+            break
+        refill += missing
+        gen = start_generation(pools, draw(missing, len(gens)), sampling_spec(cfg, step, len(gens)), step)
+    kept = kept[:want]  # a refill may bring more informative groups than were missing
+    rows = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    return Rounds(gens, scored, rows, dropped, refill), None
+
+
+def scores_table(rounds: Rounds, std_norm: bool) -> pa.Table:
+    """SCORES of the kept rows, in their order: rewards plus group advantages."""
+    kept = rounds.rewards.take(pa.array(rounds.kept_rows, pa.int64()))
+    adv = group_advantages(kept.column("reward").to_numpy(), kept.column("group_id").to_numpy(), std_norm)
+    return batch.check(kept.append_column("advantage", pa.array(adv, pa.float32())), batch.SCORES, "scores")
+
+
+def learner_parts(rounds: Rounds, scores: pa.Table, plan: StepPlan, cfg: Config) -> list[tuple]:
+    """Per learner: the call arguments of train_parts (its mini-batch pieces, then the tables)."""
+    roll_tables = [t for g in rounds.gens for t in g.tables]
+    roll_sizes = [k for g in rounds.gens for k in g.sizes]
+    ref_tables = [t for s in rounds.scored for t in s.ref_tables]
+    ref_sizes = [k for s in rounds.scored for k in s.ref_sizes]
+    lengths = np.concatenate([s["response_lengths"] for g in rounds.gens for s in g.summaries])[rounds.kept_rows]
+    world, n, mbs = plan.learner_world_size, cfg.rollout.samples_per_prompt, cfg.train.micro_batch_size
+    per_rank: list[list[tuple]] = [[] for _ in range(world)]  # (rollout sel, ref sel, scores, norm, passes)
+    for first, rows in minibatch_rows(len(rounds.kept_rows) // n, n, cfg.train.mini_batch_prompts, world):
+        norm = float(max(1, lengths[first:first + rows].sum())) if cfg.algo.loss_aggregation == "token_mean" \
+            else float(rows)
+        shares = batch.split(scores.slice(first, rows), world)
+        passes = max(-(-len(sh) // mbs) for sh in shares)
+        at = first
+        for rank, share in enumerate(shares):
+            ranges = runs(rounds.kept_rows[at:at + len(share)])
+            at += len(share)
+            per_rank[rank].append((pieces(roll_sizes, ranges), pieces(ref_sizes, ranges), share, norm, passes))
+    args = []
+    for mbs_of_rank in per_rank:
+        r_idx, r_sel = used([m[0] for m in mbs_of_rank])
+        f_idx, f_sel = used([m[1] for m in mbs_of_rank])
+        parts = [MinibatchParts(rs, fs, m[2], m[3], m[4]) for m, rs, fs in zip(mbs_of_rank, r_sel, f_sel)]
+        args.append((parts, len(r_idx), *[roll_tables[i] for i in r_idx], *[ref_tables[i] for i in f_idx]))
+    return args
+
+
+def train(pools: Pools, args: list[tuple]) -> dict[str, float]:
+    stats = pools.learner.call("train_parts", args)
     tot = {k: sum(s[k] for s in stats) for k in ("tokens", "pg_sum", "kl_sum", "clipped_sum")}
     tokens = max(tot["tokens"], 1.0)
+    minibatches = len(args[0][0])
     skipped = int(stats[0]["skipped"])  # every rank skips the same mini-batches
     if skipped:
-        log.warning("%d of %d mini-batches not applied: %s", skipped, plan.minibatches_per_step,
+        log.warning("%d of %d mini-batches not applied: %s", skipped, minibatches,
                     ", ".join(stats[0]["skip_reasons"]))
-    applied = max(plan.minibatches_per_step - skipped, 1)
+    applied = max(minibatches - skipped, 1)
     out = {
         "pg_loss": tot["pg_sum"] / tokens,
         "kl": tot["kl_sum"] / tokens,
         "clip_fraction": tot["clipped_sum"] / tokens,
         "grad_norm": stats[0]["grad_norm"] / applied,
         "skipped_minibatches": skipped,
+        "minibatches": minibatches,
         "train_sequence_tokens": sum(s["sequence_tokens"] for s in stats),
     }
     if "peak_memory_mb" in stats[0]:  # CUDA learners
@@ -171,90 +156,63 @@ def train(pools: Pools, train_table: pa.Table, plan: StepPlan, aggregation: str)
     return out
 
 
-def sync_weights(pools: Pools, version: int) -> dict[str, Any]:
-    """Learner weights to every rollout actor: over the weight route when it is open, else through
-    the object store, after which the route is opened (again) for the next sync."""
-    route = pools.route
-    stats = route.sync(pools.learner, pools.rollout, version) if route is not None else None
-    if stats is None:
-        stats = _sync_through_object_store(pools, version)
-        if route is not None and route.usable(pools.learner, pools.rollout):
-            route.open(pools.learner, pools.rollout)
-    pools.policy_version = version
-    return stats
-
-
-def _sync_through_object_store(pools: Pools, version: int) -> dict[str, Any]:
-    if pools.learner.remote:  # rank 0 puts its export itself: the driver holds a reference only
-        ref, nbytes = pools.learner.call("publish_weights", [()] * pools.learner.size)[0]  # all ranks: ZeRO-3
-        weights = ref if pools.rollout.remote else _fetch(ref)
-    else:
-        state = pools.learner.call("export_weights", [()] * pools.learner.size)[0]
-        nbytes = sum(v.nbytes for v in state.values())
-        weights = _put(pools.rollout, [state])[0]  # put once, not once per rollout actor
-    pools.rollout.get(pools.rollout.broadcast("load_weights", weights, version), "load_weights")
-    return {"weight_sync_path": "object_store", "weight_sync_mb": nbytes / 1e6}
-
-
-def _fetch(ref: Any) -> Any:
-    import ray
-
-    return ray.get(ref)
-
-
-def nonfinite_reason(rewards: pa.Table) -> str | None:
-    """Why a step must be skipped (NaN/inf rewards or similarities), or None."""
-    for col in ("reward", "similarity"):
-        bad = int(np.sum(~np.isfinite(rewards.column(col).to_numpy())))
-        if bad:
-            return f"{bad} non-finite value(s) in {col}"
-    return None
-
-
-def rollout_summary(rollouts: pa.Table, rewards: pa.Table) -> dict[str, float]:
+def rollout_summary(rounds: Rounds, version: int) -> dict[str, float]:
     # nan-aware: a skipped step still reports what its finite samples looked like
+    rewards = rounds.rewards
     r = rewards.column("reward").to_numpy()
-    lengths = pc.list_value_length(rollouts.column("response_ids")).to_numpy()
+    summaries = [s for g in rounds.gens for s in g.summaries]
+    lengths = np.concatenate([s["response_lengths"] for s in summaries])
+    versions = [s["min_version"] for s in summaries if s["rows"]]
     return {
         "reward_mean": float(np.nanmean(r)),
         "reward_std": float(np.nanstd(r)),
         "similarity_mean": float(np.nanmean(rewards.column("similarity").to_numpy())),
         "lcs_penalty_rate": float(np.mean(rewards.column("lcs_penalized").to_numpy(zero_copy_only=False))),
         "response_length_mean": float(np.mean(lengths)),
-        "stop_rate": float(np.mean(np.array(rollouts.column("finish_reason").to_pylist()) == "stop")),
-        "policy_version": int(pc.min(rollouts.column("policy_version")).as_py()),
+        "stop_rate": sum(s["stops"] for s in summaries) / max(1, len(lengths)),
+        "policy_version": int(min(versions)),
+        # Updates between the weights that generated the rollouts and the weights they train.
+        "policy_staleness": version - int(min(versions)),
     }
 
 
-def rlsr_step(cfg: Config, pools: Pools, plan: StepPlan, prompts: pa.Table, step: int) -> dict[str, Any]:
-    """Run one full step; returns its metrics row. The policy version after it is step + 1."""
-    t0 = time.perf_counter()
-    r = cfg.rollout
-    spec = SamplingSpec(r.samples_per_prompt, r.max_new_tokens, r.temperature, r.top_p,
-                        seed=cfg.run.seed * 1_000_003 + step)
-    rollouts = generate(pools, prompts, spec)
-    t_gen = time.perf_counter()
-    rewards, ref, timing = score_and_reference(pools, rollouts)
+def rlsr_step(cfg: Config, pools: Pools, plan: StepPlan, gen: Generation, step: int,
+              draw: Callable[[int, int], pa.Table]) -> dict[str, Any]:
+    """Run one full step on `gen` (started by the caller, maybe a step ago); returns its metrics
+    row. `draw(k, round)` gives k further prompts for a refill. The policy version (updates
+    applied) goes up by one, unless the step is skipped."""
+    t0, version = time.perf_counter(), pools.policy_version
+    rounds, reason = collect(cfg, pools, gen, step, draw)
     t_score = time.perf_counter()
-    reason = nonfinite_reason(rewards)
+    timing = rounds.scored[0].timing
+    base = {"step": step + 1, **rollout_summary(rounds, version), "samples": sum(g.rows for g in rounds.gens),
+            "groups_dropped": rounds.groups_dropped, "refill_prompts": rounds.refill_prompts,
+            "refill_rounds": len(rounds.gens) - 1}
     if reason:  # skipped, never applied: no training, no weight sync, the policy version stays
         log.warning("step %d skipped: %s", step + 1, reason)
-        row = {"step": step + 1, "skipped": reason, **rollout_summary(rollouts, rewards),
-               "rollout_s": t_gen - t0, "step_s": time.perf_counter() - t0, "samples": len(rollouts)}
-        return row
-    train_table = build_train_table(rollouts, rewards, ref, cfg.algo.advantage_std_norm)
-    train_stats = train(pools, train_table, plan, cfg.algo.loss_aggregation)
+        return {**base, "skipped": reason, "step_s": time.perf_counter() - t0}
+    if base["policy_staleness"] > cfg.algo.max_staleness:  # the schedule in trainer.py prevents it
+        raise RuntimeError(f"step {step + 1}: rollouts {base['policy_staleness']} versions old, over "
+                           f"algo.max_staleness={cfg.algo.max_staleness}")
+    scores = scores_table(rounds, cfg.algo.advantage_std_norm)
+    t_join = time.perf_counter()
+    args = learner_parts(rounds, scores, plan, cfg)
+    if not args[0][0]:
+        log.warning("step %d: %d rows kept, fewer than the %d learners: nothing to train on", step + 1,
+                    len(scores), plan.learner_world_size)
+        return {**base, "skipped": "too few informative groups", "step_s": time.perf_counter() - t0}
+    train_stats = train(pools, args)
     t_train = time.perf_counter()
-    sync_stats = sync_weights(pools, step + 1)
+    sync_stats = sync_weights(pools, version + 1)
     t_sync = time.perf_counter()
-    row: dict[str, Any] = {"step": step + 1}
-    row.update(rollout_summary(rollouts, rewards))
-    row.update(train_stats)
+    row: dict[str, Any] = {**base, **train_stats, **sync_stats}
     row["loss"] = train_stats["pg_loss"] + cfg.algo.kl_coef * train_stats["kl"]
-    row.update(sync_stats)
+    row["train_groups"] = len(scores) // cfg.rollout.samples_per_prompt
     row.update({
-        "rollout_s": t_gen - t0, "reward_s": timing["reward_s"], "reference_s": timing["reference_s"],
-        "score_wall_s": t_score - t_gen, "train_s": t_train - t_score, "weight_sync_s": t_sync - t_train,
-        "step_s": t_sync - t0, "samples": len(rollouts), "samples_per_s": len(rollouts) / (t_sync - t0),
+        # rollout_s: waiting for the first generation (0 when it finished during the last step).
+        "rollout_s": rounds.gens[0].wait_s, "reward_s": timing["reward_s"], "reference_s": timing["reference_s"],
+        "score_wall_s": t_score - t0 - rounds.gens[0].wait_s, "advantage_s": t_join - t_score,
+        "train_s": t_train - t_join, "weight_sync_s": t_sync - t_train,
+        "step_s": t_sync - t0, "samples_per_s": base["samples"] / (t_sync - t0),
     })
     return row

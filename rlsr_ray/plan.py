@@ -78,3 +78,19 @@ def step_plan(cfg: Config) -> StepPlan:
         micro_steps=math.ceil(per_learner / t.micro_batch_size),
         learner_world_size=world,
     )
+
+
+def minibatch_rows(groups: int, group_size: int, mini_batch_prompts: int, world: int) -> list[tuple[int, int]]:
+    """(first row, rows) of each mini-batch of a step that kept `groups` groups, in row order.
+
+    Mini-batches hold mini_batch_prompts whole groups; when dynamic sampling left fewer groups
+    the last one is smaller, and is merged into the one before if it has fewer rows than there are
+    learners (every learner needs a row). Empty when the step has fewer rows than learners.
+    """
+    rows, per_mb = groups * group_size, mini_batch_prompts * group_size
+    bounds = list(range(0, rows, per_mb)) + [rows]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < world:
+        del bounds[-2]
+    if rows < world:
+        return []
+    return [(a, b - a) for a, b in zip(bounds, bounds[1:])]

@@ -73,9 +73,19 @@ class ServicePool:
         self.owned, self.app_name = owned, app_name
 
     def submit(self, method: str, per_actor_args: list[tuple]) -> list:
-        if method != "score" or len(per_actor_args) != 1:
+        if method not in ("score", "score_parts") or len(per_actor_args) != 1:
             raise ValueError(f"reward service: no {method} for {len(per_actor_args)} shard(s)")
-        return [self.handle.score.remote(*per_actor_args[0])]
+        args = per_actor_args[0]
+        if method == "score_parts":
+            # A request carries its table: rollout tables in the object store are fetched here
+            # (the service is shared by runs and takes no references into one run's actors).
+            import ray
+
+            from rlsr_ray.selection import gather
+
+            tables = [ray.get(t) if isinstance(t, ray.ObjectRef) else t for t in args[1:]]
+            args = (gather(tables, args[0], batch.ROLLOUTS),)
+        return [self.handle.score.remote(*args)]
 
     def get(self, results: list, what: str = "", submitted_at: float | None = None) -> list:
         import time

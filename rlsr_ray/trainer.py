@@ -19,7 +19,8 @@ from typing import Any, Callable
 from actors.pool import ActorFailure, PoolTimeout
 from rlsr_ray import checkpoint, data
 from rlsr_ray.config import Config
-from rlsr_ray.loop import Pools, rlsr_step, sync_weights
+from rlsr_ray.loop import Pools, rlsr_step, sampling_spec, sync_weights
+from rlsr_ray.pipeline import Generation, fetch_rollouts, finish_generation, loaded_generation, start_generation
 from rlsr_ray.metrics import MetricsWriter, truncate_metrics
 from rlsr_ray.plan import StepPlan, step_plan
 
@@ -30,6 +31,53 @@ log = logging.getLogger("rlsr_ray")
 class Resume:
     step: int = 0  # steps already done
     cursor: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "position": 0})
+    pending: dict[int, Any] = field(default_factory=dict)  # step index -> ROLLOUTS generated ahead
+
+
+class Schedule:
+    """Which generations are in flight: on-policy (algo.max_staleness = 0) a step's rollouts are
+    started when the step starts; with k > 0 those of steps t+1..t+k are already queued on the
+    rollout actors when step t trains, each behind the weight syncs before it, so the rollouts a
+    step trains on are at most k versions old. Prompts are drawn in submission order, so the data
+    cursor saved with a checkpoint sits just after the prompts of the generations saved with it."""
+
+    def __init__(self, cfg: Config, pools: Pools, train_tok, cursor: data.PromptCursor,
+                 pending: dict[int, Any] | None = None):
+        self.cfg, self.pools, self.tok, self.cursor = cfg, pools, train_tok, cursor
+        self.queue: dict[int, Generation] = {}
+        for step, table in sorted((pending or {}).items()):
+            self.queue[step] = loaded_generation(pools, table, sampling_spec(cfg, step), step)
+        a = cfg.algo
+        # Group ids of a step: its prompts, then any refills; unique across the run.
+        self.ids_per_step = cfg.train.prompts_per_step * (1 + (a.max_refill_rounds if a.dynamic_sampling else 0))
+
+    def take(self, step: int) -> Generation:
+        """The generation step `step` trains on, after queueing those of the steps that follow."""
+        last = min(step + self.cfg.algo.max_staleness, self.cfg.run.steps - 1)
+        for s in range(step, last + 1):
+            if s not in self.queue:
+                prompts = data.prompts_table(self.tok, self.cursor.next_indices(self.cfg.train.prompts_per_step),
+                                             first_group_id=s * self.ids_per_step)
+                self.queue[s] = start_generation(self.pools, prompts, sampling_spec(self.cfg, s), s)
+        return self.queue.pop(step)
+
+    def refills(self, step: int):
+        """draw(k, round) for rlsr_step: k more prompts, with group ids after the step's own."""
+        drawn = [self.cfg.train.prompts_per_step]
+
+        def draw(k: int, _round: int):
+            table = data.prompts_table(self.tok, self.cursor.next_indices(k),
+                                       first_group_id=step * self.ids_per_step + drawn[0])
+            drawn[0] += k
+            return table
+        return draw
+
+    def pending_tables(self) -> dict[int, Any]:
+        """The queued generations' rollouts (waited for, and made again if a rollout actor lost
+        its weights meanwhile), to be saved with a checkpoint."""
+        for s, g in sorted(self.queue.items()):
+            self.queue[s] = finish_generation(self.pools, g)
+        return {s: fetch_rollouts(self.pools, g) for s, g in sorted(self.queue.items())}
 
 
 def find_resume(cfg: Config, out: Path, policy_path: str) -> tuple[Path, dict[str, Any]] | None:
@@ -52,6 +100,11 @@ def resumable(cfg: Config, folder: Path, policy_path: str) -> dict[str, Any]:
             f"{folder}: optimizer state is ZeRO-{saved['zero_stage']} in {saved['shards']} shard(s), but this run "
             f"has train.zero_stage={cfg.train.zero_stage} and pools.learner.num_actors="
             f"{cfg.pools.learner.num_actors}; resume with the settings that wrote it")
+    if int(state.get("max_staleness", 0)) != cfg.algo.max_staleness:
+        raise checkpoint.CheckpointError(
+            f"{folder}: written with algo.max_staleness={state.get('max_staleness', 0)}, this run has "
+            f"{cfg.algo.max_staleness}; resume with the setting that wrote it (its rollouts generated "
+            f"ahead depend on it)")
     return state
 
 
@@ -69,7 +122,11 @@ def restore(cfg: Config, pools: Pools, out: Path, found: tuple[Path, dict[str, A
     folder, state = found
     dropped = _load_into_pools(pools, out, folder, state)
     log.info("resumed from %s at step %d (%d metrics lines after it dropped)", folder, state["step"], dropped)
-    return Resume(int(state["step"]), dict(state["cursor"]))
+    return Resume(int(state["step"]), dict(state["cursor"]), _pending(folder, state))
+
+
+def _pending(folder: Path | None, state: dict[str, Any]) -> dict[int, Any]:
+    return checkpoint.load_pending(folder, list(state.get("pending_steps", []))) if folder else {}
 
 
 def _load_into_pools(pools: Pools, out: Path, folder: Path | None, state: dict[str, Any]) -> int:
@@ -93,12 +150,16 @@ def baseline_eval(pools: Pools, heldout, max_new_tokens: int, out: Path) -> dict
     return before
 
 
-def save_checkpoint(pools: Pools, out: Path, step: int, cursor: data.PromptCursor, policy_path: str,
+def save_checkpoint(pools: Pools, out: Path, step: int, schedule: Schedule, policy_path: str,
                     keep: int) -> str:
     path = checkpoint.step_dir(out, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "policy_version": step, "cursor": cursor.state(), "reference_policy": policy_path}
-    saved = pools.learner.call("save_pretrained", [(str(path), state)] * pools.learner.size)[0]
+    pending = schedule.pending_tables()
+    state = {"step": step, "policy_version": pools.policy_version, "cursor": schedule.cursor.state(),
+             "reference_policy": policy_path, "max_staleness": schedule.cfg.algo.max_staleness}
+    # Only rank 0 writes the rollouts generated ahead; the others get none.
+    args = [(str(path), state, pending if rank == 0 else None) for rank in range(pools.learner.size)]
+    saved = pools.learner.call("save_pretrained", args)[0]
     checkpoint.prune(out, keep)
     return saved
 
@@ -108,8 +169,8 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
     """Steps from resume.step to run.steps; returns their metrics rows and checkpoint timings."""
     from tqdm import tqdm
 
-    cursor = data.PromptCursor(train_tok, cfg.run.seed, **resume.cursor)
-    P = cfg.train.prompts_per_step
+    schedule = Schedule(cfg, pools, train_tok, data.PromptCursor(train_tok, cfg.run.seed, **resume.cursor),
+                        resume.pending)
     rows: list[dict[str, Any]] = []
     writer = MetricsWriter(out)
     bar = tqdm(desc="rlsr", unit="step", initial=resume.step, total=cfg.run.steps, disable=not cfg.run.progress,
@@ -118,16 +179,15 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
     saving = {"checkpoint_s": 0.0, "checkpoints": 0}
     try:
         while step < cfg.run.steps:
-            prompts = data.prompts_table(train_tok, cursor.next_indices(P), first_group_id=step * P)
             try:
-                row = rlsr_step(cfg, pools, plan, prompts, step)
+                row = rlsr_step(cfg, pools, plan, schedule.take(step), step, schedule.refills(step))
                 row["prompts_truncated"], row["prompts_dropped"] = train_tok.truncated, train_tok.dropped
                 # The row goes first: a checkpoint on disk never runs ahead of metrics.jsonl.
                 writer.write(row)
                 rows.append(row)
                 if step + 1 == cfg.run.steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                     t0 = time.perf_counter()
-                    path = save_checkpoint(pools, out, step + 1, cursor, policy_path, cfg.run.keep_checkpoints)
+                    path = save_checkpoint(pools, out, step + 1, schedule, policy_path, cfg.run.keep_checkpoints)
                     took = time.perf_counter() - t0
                     saving["checkpoint_s"] += took
                     saving["checkpoints"] += 1
@@ -139,8 +199,8 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
                     raise
                 rebuilds += 1
                 writer.close()
-                step, cursor = recover_learners(cfg, pools, out, train_tok, policy_path, rebuild_learners,
-                                                step + 1, str(e))
+                step, schedule = recover_learners(cfg, pools, out, train_tok, policy_path, rebuild_learners,
+                                                  step + 1, str(e))
                 rows = [r for r in rows if r["step"] <= step]
                 writer = MetricsWriter(out)
                 bar.n = step
@@ -156,7 +216,7 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
 
 
 def recover_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_path: str,
-                     rebuild: Callable[[], Any], failed_step: int, what: str) -> tuple[int, data.PromptCursor]:
+                     rebuild: Callable[[], Any], failed_step: int, what: str) -> tuple[int, Schedule]:
     """Replace a learner group that lost an actor: new actors, the newest checkpoint (or the
     initial weights), those weights to the rollout pool. Steps after that checkpoint run again;
     their metrics lines are dropped, so each step is recorded once."""
@@ -171,7 +231,9 @@ def recover_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_pat
     step, cursor_state = int(state["step"]), dict(state["cursor"])
     log.warning("learners restored to step %d from %s; training goes on from there", step,
                 folder or "the initial weights")
-    return step, data.PromptCursor(train_tok, cfg.run.seed, **cursor_state)
+    # Generations queued before the failure are abandoned: those saved with the checkpoint replace them.
+    cursor = data.PromptCursor(train_tok, cfg.run.seed, **cursor_state)
+    return step, Schedule(cfg, pools, train_tok, cursor, _pending(folder, state))
 
 
 def throughput(rows: list[dict[str, Any]]) -> dict[str, Any]:

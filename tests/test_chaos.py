@@ -59,15 +59,24 @@ ARGS = [*BASE, "--run.steps=11", "--run.save_every=1", "--rollout.max_new_tokens
 COMPARED = ("loss", "kl", "reward_mean", "similarity_mean", "response_length_mean", "grad_norm", "policy_version")
 
 
-def test_actors_killed_mid_run_are_restarted_and_the_run_finishes(tmp_path):
+# "async": rollouts of the next step are generated while the learners train. A rollout actor
+# killed then loses a generation made on weights one version old; it is made again on the current
+# weights, so from there on the run is a valid one but not the uninterrupted run's twin.
+MODES = {"on_policy": [], "async": ["--algo.max_staleness=1"]}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_actors_killed_mid_run_are_restarted_and_the_run_finishes(tmp_path, mode):
+    args = [*ARGS, *MODES[mode]]
     straight = tmp_path / "straight"
-    done = subprocess.run([sys.executable, "-m", "rlsr_ray.run", *ARGS, f"--run.output_dir={straight}"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if mode == "on_policy":
+        done = subprocess.run([sys.executable, "-m", "rlsr_ray.run", *args, f"--run.output_dir={straight}"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "chaos"
     log = tmp_path / "driver.log"
     killed = []
-    with _running(ARGS, out, log) as proc:
+    with _running(args, out, log) as proc:
         for after_step, victim in VICTIMS:
             _wait_steps(proc, out, log, after_step)
             pids = _pids(victim, proc.pid)
@@ -78,10 +87,13 @@ def test_actors_killed_mid_run_are_restarted_and_the_run_finishes(tmp_path):
     text = log.read_text()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 12))  # every step exactly once
-    # Retried calls, re-synced weights and the rebuilt learner reproduce the uninterrupted run.
-    for ra, rb in zip([json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()], rows):
-        for k in COMPARED:
-            assert rb[k] == pytest.approx(ra[k], abs=1e-6), (ra["step"], k)
+    if mode == "on_policy":
+        # Retried calls, re-synced weights and the rebuilt learner reproduce the uninterrupted run.
+        for ra, rb in zip([json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()], rows):
+            for k in COMPARED:
+                assert rb[k] == pytest.approx(ra[k], abs=1e-6), (ra["step"], k)
+    else:
+        assert max(r["policy_staleness"] for r in rows) == 1  # overlapped, never more than the bound
     assert killed == [v for _, v in VICTIMS]
     for role in ("rollout", "reward", "reference"):
         assert text.count(f"{role} actor 0 ready") == 2, role  # started, then restarted once

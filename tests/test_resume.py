@@ -16,12 +16,16 @@ pytestmark = pytest.mark.slow
 ARGS = ["tiny", "--run.steps=4", "--run.save_every=1", "--run.keep_checkpoints=2"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 COMPARED = ("loss", "pg_loss", "kl", "reward_mean", "reward_std", "similarity_mean", "clip_fraction",
-            "response_length_mean", "grad_norm", "policy_version")
+            "response_length_mean", "grad_norm", "policy_version", "policy_staleness", "groups_dropped",
+            "refill_prompts", "train_groups")
 
 
 # ZeRO-0 keeps one optimizer copy; ZeRO-3 over two learners stores a partition per rank and
 # restores parameters from them.
-LAYOUTS = {"zero0": [], "zero3x2": ["--train.zero_stage=3", "--pools.learner.num_actors=2"]}
+# "async": rollouts generated up to 2 steps ahead (saved with each checkpoint) and dynamic
+# sampling refilling dropped groups from further prompts (past the saved data cursor).
+LAYOUTS = {"zero0": [], "zero3x2": ["--train.zero_stage=3", "--pools.learner.num_actors=2"],
+           "async": ["--algo.max_staleness=2", "--algo.dynamic_sampling=true", "--algo.group_spread_rtol=0.3"]}
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -62,6 +66,11 @@ def test_killed_driver_resumes_exactly(tmp_path, layout):
             assert rb[k] == pytest.approx(ra[k], abs=1e-6), (ra["step"], k)
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert kept == ["step_3", "step_4"]  # retention: the newest two
+    if layout == "async":
+        assert [r["policy_staleness"] for r in b] == [0, 1, 2, 2]  # never over the bound, and reaching it
+        assert sum(r["groups_dropped"] for r in b) > 0 and sum(r["refill_prompts"] for r in b) > 0
+        state = json.loads((killed / "checkpoints" / "step_3" / "trainer_state.json").read_text())
+        assert state["pending_steps"] == [3]  # the last step's rollouts, generated ahead
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
