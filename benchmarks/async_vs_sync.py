@@ -47,6 +47,7 @@ def run(preset: str, extra: list[str], out: Path) -> dict:
         "samples_per_s": summary["samples_per_s"],
         "rollout_wait_s_total": sum(r.get("rollout_s", 0.0) for r in rows),
         "train_s_total": sum(r.get("train_s", 0.0) for r in rows),
+        "weight_sync_s_total": sum(r.get("weight_sync_s", 0.0) for r in rows),
         "policy_staleness_max": max(r["policy_staleness"] for r in rows),
     }
     if "heldout" in summary:

@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import numpy as np
 import pyarrow as pa
@@ -123,7 +126,9 @@ def main() -> None:
     mb = max(1, args.prompts // 2)
     cfg = load_config("tiny", [f"--train.prompts_per_step={args.prompts}", f"--train.mini_batch_prompts={mb}",
                                f"--rollout.samples_per_prompt={args.samples}", f"--pools.learner.num_actors={k}"])
-    ray.init(num_cpus=4 * k + 1, include_dashboard=False, logging_level="ERROR")
+    root = str(Path(__file__).resolve().parents[1])
+    ray.init(address="local", num_cpus=4 * k + 1, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": root}})
     pc = PoolConfig(num_actors=k, num_cpus=1)
     pools = Pools(Pool("rollout", DataOnlyRollout, pc, {"response_tokens": args.response_tokens}),
                   Pool("reward", DataOnlyReward, pc, {}), Pool("reference", DataOnlyReference, pc, {}),

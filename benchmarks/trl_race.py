@@ -6,10 +6,10 @@ tokens, temperature 0.8, two optimizer steps per generation of 32 completions, l
 AdamW betas (0.9, 0.95), clip 0.2, KL coefficient 0.001 to the initial policy, gradient clip 1.0,
 token-mean loss, and the same reward (MiniLM cosine + LCS copy penalty, rlsr_ray.reward's code).
 TRL runs in this process on both cores; rlsr_ray runs its default preset (pools on Ray).
-Each side's time is its training loop only (model loading and Ray start excluded): rlsr_ray's
+rlsr_ray runs twice (VARIANTS below). Each side's time is its training loop only (model loading and Ray start excluded): rlsr_ray's
 summed `step_s`, TRL's on_train_begin -> on_train_end.
 
-    pip install trl==1.16.0
+    pip install -e ".[cpu,bench]"
     python benchmarks/trl_race.py --steps 6 --out benchmarks/results/trl_race_cpu.json
 """
 from __future__ import annotations
@@ -22,13 +22,26 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
 TRL_VERSION = "1.16.0"
 SETTINGS = dict(prompts_per_step=4, group=8, max_new_tokens=48, temperature=0.8, lr=3e-5, kl=0.001)
 
 
-def run_rlsr(steps: int, out: Path) -> dict:
+# rlsr_ray's side, two ways: the default preset as shipped (on-policy; rollout and learner take
+# turns on both cores), and one-step off-policy overlap with one core per pool (rollout and
+# learner then run at once, each on its own core; benchmarks/async_vs_sync.py).
+VARIANTS = {
+    "on_policy": [],
+    "off_policy_own_cores": ["--algo.max_staleness=1"] + [
+        f"--pools.{role}.{key}=1" for role in ("rollout", "reward", "reference", "learner")
+        for key in ("num_cpus", "torch_threads")],
+}
+
+
+def run_rlsr(steps: int, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "rlsr_ray.run", "default", "--ray.address=local", "--run.progress=false",
-           "--run.eval_before_after=false", f"--run.steps={steps}", f"--run.output_dir={out}"]
+           "--run.eval_before_after=false", f"--run.steps={steps}", f"--run.output_dir={out}", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
@@ -37,7 +50,10 @@ def run_rlsr(steps: int, out: Path) -> dict:
     samples = sum(r["samples"] for r in rows)
     tokens = sum(r["samples"] * r["response_length_mean"] for r in rows)
     return {"seconds": seconds, "samples": samples, "tokens": tokens, "samples_per_s": samples / seconds,
-            "tokens_per_s": tokens / seconds, "reward_mean_first_last": [rows[0]["reward_mean"], rows[-1]["reward_mean"]]}
+            "tokens_per_s": tokens / seconds, "reward_mean_first_last": [rows[0]["reward_mean"], rows[-1]["reward_mean"]],
+            # shares of the loop's time, for the README's overhead table
+            "weight_sync_share": sum(r["weight_sync_s"] for r in rows) / seconds,
+            "driver_advantage_share": sum(r["advantage_s"] for r in rows) / seconds}
 
 
 def run_trl(steps: int, out: Path) -> dict:
@@ -94,7 +110,8 @@ def run_trl(steps: int, out: Path) -> dict:
     logs = [x for x in trainer.state.log_history if "completions/mean_length" in x]
     seconds = times["end"] - times["begin"]
     samples = 2 * steps * 16
-    tokens = float(np.sum([x["completions/mean_length"] * 16 for x in logs]))
+    # Logged once per generation (every steps_per_generation=2 optimizer steps), over its 32 completions.
+    tokens = float(np.sum([x["completions/mean_length"] * 32 for x in logs]))
     return {"seconds": seconds, "samples": samples, "tokens": tokens, "samples_per_s": samples / seconds,
             "tokens_per_s": tokens / seconds, "bf16": bf16, "trl": trl.__version__,
             "reward_mean_first_last": [logs[0].get("reward"), logs[-1].get("reward")]}
@@ -105,15 +122,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="RL steps of 4 prompts x 8 samples each")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    result: dict = {"settings": SETTINGS, "steps": args.steps}
     with tempfile.TemporaryDirectory() as tmp:
-        rlsr = run_rlsr(args.steps, Path(tmp) / "rlsr")
-        print("rlsr_ray", json.dumps(rlsr), flush=True)
+        for name, extra in VARIANTS.items():
+            result[f"rlsr_ray/{name}"] = run_rlsr(args.steps, Path(tmp) / name, extra)
+            print(f"rlsr_ray/{name}", json.dumps(result[f"rlsr_ray/{name}"]), flush=True)
         trl_side = run_trl(args.steps, Path(tmp) / "trl")
         print("trl", json.dumps(trl_side), flush=True)
-    result = {"settings": SETTINGS, "steps": args.steps, "rlsr_ray": rlsr, "trl": trl_side,
-              "samples_per_s_ratio": rlsr["samples_per_s"] / trl_side["samples_per_s"],
-              "tokens_per_s_ratio": rlsr["tokens_per_s"] / trl_side["tokens_per_s"]}
-    print(json.dumps({k: result[k] for k in ("samples_per_s_ratio", "tokens_per_s_ratio")}))
+    result["trl"] = trl_side
+    for name in VARIANTS:
+        ours = result[f"rlsr_ray/{name}"]
+        result[f"ratio/{name}"] = {"samples_per_s": ours["samples_per_s"] / trl_side["samples_per_s"],
+                                   "tokens_per_s": ours["tokens_per_s"] / trl_side["tokens_per_s"]}
+        print(name, json.dumps(result[f"ratio/{name}"]))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -39,6 +39,7 @@ class Pools:
 
     route: WeightRoute | None = None  # learner rank 0 -> rollout actors; None: object store only
     policy_version: int = 0  # the version every rollout actor should hold (set by sync_weights)
+    in_flight: list[Any] = field(default_factory=list)  # summary refs of generations submitted
 
     def all(self) -> list[Pool]:
         return [self.rollout, self.reward, self.reference, self.learner]
@@ -79,6 +80,8 @@ def start_generation(pools: Pools, prompts: pa.Table, spec: SamplingSpec, step: 
     runs on the weights they hold by then (the version recorded here)."""
     shards = put(pools.rollout, batch.split(prompts, pools.rollout.size))
     outs = pools.rollout.submit("generate_summarised", [(s, spec) for s in shards], num_returns=2)
+    if pools.rollout.remote and pools.route is not None:
+        pools.in_flight.extend(o[1] for o in outs)
     return Generation(step, prompts, spec, pools.policy_version, [o[0] for o in outs], [o[1] for o in outs])
 
 
@@ -90,6 +93,7 @@ def finish_generation(pools: Pools, gen: Generation) -> Generation:
         return gen
     t0 = time.perf_counter()
     summaries = pools.rollout.get(gen.summaries, "generate")
+    pools.in_flight = [r for r in pools.in_flight if all(r is not g for g in gen.summaries)]
     wrong = sorted({s["min_version"] for s in summaries if s["rows"]} - {gen.version})
     if wrong:
         log.warning("rollout actor came back with policy version %s instead of %d: re-syncing weights and "
@@ -198,6 +202,8 @@ def sync_weights(pools: Pools, version: int) -> dict[str, Any]:
     """Learner weights to every rollout actor: over the weight route when it is open, else through
     the object store, after which the route is opened (again) for the next sync."""
     route = pools.route
+    if route is not None:
+        _drain(pools)
     stats = route.sync(pools.learner, pools.rollout, version) if route is not None else None
     if stats is None:
         stats = _sync_through_object_store(pools, version)
@@ -205,6 +211,20 @@ def sync_weights(pools: Pools, version: int) -> dict[str, Any]:
             route.open(pools.learner, pools.rollout)
     pools.policy_version = version
     return stats
+
+
+def _drain(pools: Pools) -> None:
+    """Wait until the rollout actors have finished every generation queued on them. A broadcast
+    over the route holds learner rank 0 in a collective until each rollout actor reaches its
+    receiving call, which queues behind those generations; off-policy, one may still be running,
+    and a wait inside the collective would count against rollout.weight_sync_timeout_s."""
+    if not pools.in_flight:
+        return
+    import ray
+
+    ray.wait(pools.in_flight, num_returns=len(pools.in_flight), timeout=pools.rollout.call_timeout_s,
+             fetch_local=False)
+    pools.in_flight.clear()  # failures are reported by finish_generation, which reads them
 
 
 def _sync_through_object_store(pools: Pools, version: int) -> dict[str, Any]:

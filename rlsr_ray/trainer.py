@@ -19,8 +19,8 @@ from typing import Any, Callable
 from actors.pool import ActorFailure, PoolTimeout
 from rlsr_ray import checkpoint, data
 from rlsr_ray.config import Config
-from rlsr_ray.loop import Pools, rlsr_step, sampling_spec, sync_weights
-from rlsr_ray.pipeline import Generation, fetch_rollouts, finish_generation, loaded_generation, start_generation
+from rlsr_ray.loop import Pools, rlsr_step, sync_weights
+from rlsr_ray.schedule import Schedule
 from rlsr_ray.metrics import MetricsWriter, truncate_metrics
 from rlsr_ray.plan import StepPlan, step_plan
 
@@ -32,52 +32,6 @@ class Resume:
     step: int = 0  # steps already done
     cursor: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "position": 0})
     pending: dict[int, Any] = field(default_factory=dict)  # step index -> ROLLOUTS generated ahead
-
-
-class Schedule:
-    """Which generations are in flight: on-policy (algo.max_staleness = 0) a step's rollouts are
-    started when the step starts; with k > 0 those of steps t+1..t+k are already queued on the
-    rollout actors when step t trains, each behind the weight syncs before it, so the rollouts a
-    step trains on are at most k versions old. Prompts are drawn in submission order, so the data
-    cursor saved with a checkpoint sits just after the prompts of the generations saved with it."""
-
-    def __init__(self, cfg: Config, pools: Pools, train_tok, cursor: data.PromptCursor,
-                 pending: dict[int, Any] | None = None):
-        self.cfg, self.pools, self.tok, self.cursor = cfg, pools, train_tok, cursor
-        self.queue: dict[int, Generation] = {}
-        for step, table in sorted((pending or {}).items()):
-            self.queue[step] = loaded_generation(pools, table, sampling_spec(cfg, step), step)
-        a = cfg.algo
-        # Group ids of a step: its prompts, then any refills; unique across the run.
-        self.ids_per_step = cfg.train.prompts_per_step * (1 + (a.max_refill_rounds if a.dynamic_sampling else 0))
-
-    def take(self, step: int) -> Generation:
-        """The generation step `step` trains on, after queueing those of the steps that follow."""
-        last = min(step + self.cfg.algo.max_staleness, self.cfg.run.steps - 1)
-        for s in range(step, last + 1):
-            if s not in self.queue:
-                prompts = data.prompts_table(self.tok, self.cursor.next_indices(self.cfg.train.prompts_per_step),
-                                             first_group_id=s * self.ids_per_step)
-                self.queue[s] = start_generation(self.pools, prompts, sampling_spec(self.cfg, s), s)
-        return self.queue.pop(step)
-
-    def refills(self, step: int):
-        """draw(k, round) for rlsr_step: k more prompts, with group ids after the step's own."""
-        drawn = [self.cfg.train.prompts_per_step]
-
-        def draw(k: int, _round: int):
-            table = data.prompts_table(self.tok, self.cursor.next_indices(k),
-                                       first_group_id=step * self.ids_per_step + drawn[0])
-            drawn[0] += k
-            return table
-        return draw
-
-    def pending_tables(self) -> dict[int, Any]:
-        """The queued generations' rollouts (waited for, and made again if a rollout actor lost
-        its weights meanwhile), to be saved with a checkpoint."""
-        for s, g in sorted(self.queue.items()):
-            self.queue[s] = finish_generation(self.pools, g)
-        return {s: fetch_rollouts(self.pools, g) for s, g in sorted(self.queue.items())}
 
 
 def find_resume(cfg: Config, out: Path, policy_path: str) -> tuple[Path, dict[str, Any]] | None:
