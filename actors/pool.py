@@ -31,6 +31,16 @@ class ActorFailure(RuntimeError):
         self.role = role
 
 
+def _resolved(args: tuple) -> tuple:
+    """What Ray does for a remote call's top-level ObjectRef arguments, for a pool in the driver:
+    tables another (remote) pool left in the object store are fetched here."""
+    if not any(type(a).__name__ == "ObjectRef" for a in args):
+        return args
+    import ray
+
+    return tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
+
+
 class Pool:
     def __init__(self, role: str, cls: type, cfg: PoolConfig, kwargs: dict[str, Any],
                  placement_timeout_s: float = 600.0, call_timeout_s: float = 3600.0, ray_restarts: bool = True):
@@ -102,7 +112,7 @@ class Pool:
         if len(per_actor_args) != len(self.actors):
             raise ValueError(f"pool {self.role}: {len(per_actor_args)} arg sets for {len(self.actors)} actors")
         if not self.remote:
-            return [getattr(a, method)(*args) for a, args in zip(self.actors, per_actor_args)]
+            return [getattr(a, method)(*_resolved(args)) for a, args in zip(self.actors, per_actor_args)]
         if num_returns != 1:
             return [tuple(getattr(a, method).options(num_returns=num_returns).remote(*args))
                     for a, args in zip(self.actors, per_actor_args)]

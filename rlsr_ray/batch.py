@@ -2,8 +2,9 @@
 
 Rows are per sample, keyed by (group_id, sample_idx). Token ids travel as list<int32> and per-token
 floats as list<float32>, unpadded; tensors are padded only where they are built. A pool returns
-only the columns it adds; the driver joins on the key and checks every table that crosses a pool
-boundary, so a malformed batch fails where it was made, not three pools later.
+only the columns it adds; the actor that makes a table and the actor that reads it both check it,
+and the learners join on the key, so a malformed batch fails where it was made, not three pools
+later.
 """
 from __future__ import annotations
 
