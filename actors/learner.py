@@ -22,10 +22,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from actors.objectives import GRPO, SFT, Objective
 from rlsr_ray import batch
-from rlsr_ray.loss import LossSettings, rlsr_loss
-from rlsr_ray.policy import (forward_logprobs, load_causal_lm, load_tokenizer, pad_batch, resolve_compute_dtype,
-                             response_logprobs, set_threads, state_dict_to_torch)
+from rlsr_ray.loss import LossSettings
+from rlsr_ray.policy import (load_causal_lm, load_tokenizer, resolve_compute_dtype, response_logprobs, set_threads,
+                             state_dict_to_torch)
 from rlsr_ray.selection import MinibatchParts
 from rlsr_ray.weight_sync import RouteSettings, WeightGroup, tensor_specs
 
@@ -128,7 +129,7 @@ class LearnerActor:
             if self.rank == 0:
                 Path(init_method[len("file://"):]).unlink(missing_ok=True)
 
-    def _old_logprobs(self, table: pa.Table) -> list:
+    def old_logprobs(self, table: pa.Table) -> list:
         if not self.s.recompute_old_logprobs:
             return table.column("rollout_logprobs").to_pylist()
         return [x.tolist() for x in self.logprobs(table)]
@@ -143,25 +144,32 @@ class LearnerActor:
 
     def train_step(self, minibatches: list[pa.Table], normalisers: list[float],
                    micro_steps: list[int] | None = None) -> dict[str, float]:
+        """GRPO: one optimizer step per TRAIN mini-batch; summed statistics over all of them."""
+        return self.optimise(GRPO(), minibatches, normalisers, micro_steps)
+
+    def sft_step(self, minibatches: list[pa.Table], normalisers: list[float],
+                 micro_steps: list[int] | None = None) -> dict[str, float]:
+        """Supervised fine-tuning: one optimizer step per SFT mini-batch."""
+        return self.optimise(SFT(), minibatches, normalisers, micro_steps)
+
+    def optimise(self, objective: Objective, minibatches: list[pa.Table], normalisers: list[float],
+                 micro_steps: list[int] | None = None) -> dict[str, float]:
         """One optimizer step per mini-batch; returns summed statistics over all of them.
 
         Mini-batches may differ in size (dynamic sampling drops groups). Every learner makes
         `micro_steps[i]` forward/backward passes on mini-batch i, so the gradient collectives stay
         matched; a learner short of rows repeats its first micro-batch at zero weight."""
         eng, s = self.engine, self.s
-        totals = {"tokens": 0.0, "pg_sum": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "grad_norm": 0.0,
-                  "skipped": 0.0}
+        keys = (*objective.stat_keys, "grad_norm", "skipped")
+        totals: dict = {k: 0.0 for k in keys}
         reasons = []
-        minibatches = [batch.check(t, batch.TRAIN, f"learner[{self.rank}] input") for t in minibatches]
+        minibatches = [batch.check(t, objective.schema, f"learner[{self.rank}] input") for t in minibatches]
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        # The PPO anchor is the policy that generated the step: every mini-batch's old log-probs
-        # are computed before the first update, or mini-batches 2..k would be anchored to weights
-        # already moved by 1..k-1 (ratio back at 1, the clip never bounding the drift).
-        anchors = [self._old_logprobs(t) for t in minibatches]
+        contexts = objective.prepare(self, minibatches)
         if micro_steps is None:
             micro_steps = [s.micro_steps] * len(minibatches)
-        for table, old, norm, passes in zip(minibatches, anchors, normalisers, micro_steps):
+        for table, context, norm, passes in zip(minibatches, contexts, normalisers, micro_steps):
             eng.train()  # after scoring, which switches the module to eval
             rows = len(table)
             chunks = [(a, min(a + s.micro_batch_size, rows)) for a in range(0, rows, s.micro_batch_size)]
@@ -171,9 +179,9 @@ class LearnerActor:
             weights = [1.0] * len(chunks) + [0.0] * (passes - len(chunks))
             chunks += [chunks[0]] * (passes - len(chunks))
             for i, ((a, b), weight) in enumerate(zip(chunks, weights)):
-                stats = self._micro_step(table.slice(a, b - a), old[a:b], norm, last=i == passes - 1,
-                                         weight=weight)
-                for k in ("tokens", "pg_sum", "kl_sum", "clipped_sum", "grad_norm", "skipped"):
+                loss, stats = objective.loss(self, table.slice(a, b - a), context[a:b], norm)
+                stats = self._micro_step(loss, stats, last=i == passes - 1, weight=weight)
+                for k in keys:
                     value = stats.get(k, 0.0)
                     totals[k] += value if np.isfinite(value) else 0.0  # a skipped batch's NaNs stay out
                 if "skip_reason" in stats:
@@ -186,26 +194,11 @@ class LearnerActor:
             totals["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 1e6
         return totals
 
-    def _micro_step(self, t: pa.Table, old: list, normaliser: float, last: bool,
-                    weight: float = 1.0) -> dict[str, float]:
-        """weight 0: a padding pass that keeps this rank's collectives in step with the others."""
-        d = self.device
+    def _micro_step(self, loss: torch.Tensor, stats: dict, last: bool, weight: float = 1.0) -> dict[str, float]:
+        """Backward and (at the boundary) step on one micro-batch's loss. weight 0: a padding pass
+        that keeps this rank's collectives in step with the others."""
         # The caller owns the boundary: mini-batches need not hold DeepSpeed's configured count.
         self.engine.set_gradient_accumulation_boundary(last)
-        pb = pad_batch(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist(),
-                       self.tok.pad_token_id, d)
-        T = pb.response_ids.shape[1]
-
-        def padded(rows: list) -> torch.Tensor:
-            out = torch.zeros(len(rows), T, dtype=torch.float32)
-            for i, r in enumerate(rows):
-                out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
-            return out.to(d)
-
-        logp = forward_logprobs(self.engine, pb, self.s.temperature, self.s.compute_dtype, len(self.tok))
-        adv = torch.tensor(t.column("advantage").to_numpy(), dtype=torch.float32, device=d)
-        loss, stats = rlsr_loss(logp, padded(old), padded(t.column("ref_logprobs").to_pylist()), adv,
-                                pb.response_mask, self.s.loss, normaliser)
         if weight != 1.0:
             loss = loss * weight
             stats = {k: v * weight for k, v in stats.items()}
@@ -218,7 +211,7 @@ class LearnerActor:
         elif self.s.zero_stage > 0:
             # ZeRO >= 1 discards a step whose gradient norm is not finite (its overflow path:
             # gradients cleared, optimizer untouched). A NaN gradient sends a bad mini-batch there.
-            self.engine.backward(logp.sum() * float("nan"), scale_wrt_gas=False)
+            self.engine.backward(loss * float("nan"), scale_wrt_gas=False)
         if not last:
             self.engine.step()  # counts the micro-step; the update happens at the boundary
             return stats

@@ -49,6 +49,13 @@ REF_LOGPROBS = pa.schema([
     pa.field("ref_logprobs", pa.list_(pa.float32()), nullable=False),  # [L] log pi_ref(token)
 ])
 
+# Supervised fine-tuning rows: the prompt (chat template applied) and the reference answer's ids.
+SFT = pa.schema([
+    pa.field("group_id", pa.int64(), nullable=False),  # the example's index in the training split
+    pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("response_ids", pa.list_(pa.int32()), nullable=False),  # [L] reference answer + EOS
+])
+
 # The driver's answer to a step's rewards: what the learners join onto rollouts (small: no lists).
 SCORES = pa.schema(list(REWARDS) + [pa.field("advantage", pa.float32(), nullable=False)])
 

@@ -93,6 +93,14 @@ def rlsr_loss(
     return loss, stats
 
 
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Supervised fine-tuning: summed negative log-likelihood of the response tokens ([B, T]
+    log-probs, [B, T] mask) over `normaliser` (the mini-batch's response tokens on every rank)."""
+    m = mask.to(logp.dtype)
+    nll = -(logp * m).sum()
+    return nll / normaliser, {"tokens": float(m.sum()), "nll_sum": float(nll.detach())}
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """logits [B, T, V], targets [B, T] -> log pi(target) [B, T] in float32.
 

@@ -213,7 +213,7 @@ def test_recomputed_old_logprobs_match_rollout_at_step_zero(tiny_policy, prompts
     train = _train_table(tiny_policy, rollout, reward, prompts)
     s = settings(micro_batch_size=16, micro_steps=1)
     lrn = learner(tiny_policy, LearnerSettings(**{**s.__dict__, "recompute_old_logprobs": True}))
-    old = lrn._old_logprobs(train)
+    old = lrn.old_logprobs(train)
     np.testing.assert_allclose(np.concatenate(old),
                                np.concatenate(train.column("rollout_logprobs").to_numpy(zero_copy_only=False)),
                                atol=2e-4)
@@ -316,3 +316,35 @@ def test_logits_beyond_the_tokenizer_are_never_sampled_and_out_of_every_logprob(
     ours = np.concatenate(learner(path, settings()).logprobs(rolled))
     np.testing.assert_allclose(rl, rf, atol=2e-4)
     np.testing.assert_allclose(rl, ours, atol=2e-4)
+
+
+def _sft_table(tok, prompts: pa.Table) -> pa.Table:
+    answers = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+               for t in prompts.column("reference_text").to_pylist()]
+    return batch.check(pa.table({"group_id": prompts.column("group_id"), "prompt_ids": prompts.column("prompt_ids"),
+                                 "response_ids": pa.array([a[:20] for a in answers], pa.list_(pa.int32()))}),
+                       batch.SFT, "sft")
+
+
+def test_sft_scores_only_the_answer_and_lowers_its_nll(tiny_policy, tiny_tokenizer, prompts):
+    """The SFT objective's NLL equals the answer tokens' NLL from a plain transformers forward of
+    prompt + answer (the prompt's own tokens never counted), and SFT steps lower it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    table = _sft_table(tiny_tokenizer, prompts)
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).eval()
+    want = 0.0
+    for p, r in zip(table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist()):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + r])).logits[0].float()
+        logp = torch.log_softmax(logits[len(p) - 1:-1], -1)  # position i predicts token i + 1
+        want -= float(logp.gather(-1, torch.tensor(r)[:, None]).sum())
+    answer_tokens = float(sum(len(r) for r in table.column("response_ids").to_pylist()))
+    lrn = learner(tiny_policy, settings(micro_batch_size=2, micro_steps=2, lr=1e-2))
+    first = lrn.sft_step([table], [answer_tokens])
+    assert first["tokens"] == answer_tokens
+    # float32 sums of a few hundred log-probs: rounding is far below 1e-4 of the total
+    assert first["nll_sum"] == pytest.approx(want, rel=1e-4)
+    later = [lrn.sft_step([table], [answer_tokens])["nll_sum"] for _ in range(3)]
+    assert later[-1] < 0.9 * first["nll_sum"], (first["nll_sum"], later)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from rlsr_ray.loss import LossSettings, aggregate, clipped_pg_per_token, kl_per_token, rlsr_loss, token_logprobs
+from rlsr_ray.loss import (LossSettings, aggregate, clipped_pg_per_token, kl_per_token, rlsr_loss, sft_loss,
+                           token_logprobs)
 
 
 def _dists(seed: int, v: int = 11):
@@ -95,3 +96,13 @@ def test_token_logprobs_temperature():
     tgt = torch.randint(0, 7, (2, 4))
     expect = torch.gather(torch.log_softmax(logits / 0.7, -1), -1, tgt[..., None])[..., 0]
     torch.testing.assert_close(token_logprobs(logits, tgt, 0.7), expect)
+
+
+def test_sft_loss_is_the_summed_response_nll_over_the_normaliser():
+    logp = torch.tensor([[-0.5, -1.0, -7.0], [-2.0, -9.0, -9.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])  # padding carries -7 and -9: never counted
+    loss, stats = sft_loss(logp, mask, normaliser=6.0)
+    assert loss.item() == pytest.approx(3.5 / 6.0)
+    assert stats == {"tokens": 3.0, "nll_sum": pytest.approx(3.5)}
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1 / 6, -1 / 6, 0.0], [-1 / 6, 0.0, 0.0]]))
