@@ -153,6 +153,16 @@ class RewardServiceConfig:
 
 
 @dataclass(frozen=True)
+class SftConfig:
+    # `python -m rlsr_ray.sft`: supervised fine-tuning on the reference answers of the training
+    # split, on Ray Train workers placed like pools.learner, with train.* for everything else.
+    steps: int = 0  # optimizer steps; 0: one pass over the training split
+    batch_examples: int = 32  # examples per optimizer step, over all workers
+    lr: float = 1e-5
+    max_answer_tokens: int = 256  # longer reference answers are cut (EOS kept)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     steps: int = 100
     output_dir: str = "outputs/rlsr"
@@ -175,6 +185,7 @@ class Config:
     pools: PoolsConfig = PoolsConfig()
     ray: RayConfig = RayConfig()
     reward_service: RewardServiceConfig = RewardServiceConfig()
+    sft: SftConfig = SftConfig()
     run: RunConfig = RunConfig()
 
     def to_dict(self) -> dict[str, Any]:
@@ -345,6 +356,11 @@ def validate(cfg: Config) -> None:
          "off-policy rollouts need their own log-probs: set algo.recompute_old_logprobs=false", a.max_staleness)
     need(a.group_spread_rtol >= 0, "algo.group_spread_rtol", "must be >= 0", a.group_spread_rtol)
     need(a.max_refill_rounds >= 0, "algo.max_refill_rounds", "must be >= 0", a.max_refill_rounds)
+    need(cfg.sft.steps >= 0, "sft.steps", "must be >= 0", cfg.sft.steps)
+    need(cfg.sft.batch_examples >= max(1, cfg.pools.learner.num_actors), "sft.batch_examples",
+         "needs at least one example per learner", cfg.sft.batch_examples)
+    need(cfg.sft.lr > 0, "sft.lr", "must be > 0", cfg.sft.lr)
+    need(cfg.sft.max_answer_tokens >= 1, "sft.max_answer_tokens", "must be >= 1", cfg.sft.max_answer_tokens)
     need(cfg.run.steps >= 0, "run.steps", "must be >= 0", cfg.run.steps)
     need(cfg.data.heldout_size >= 0, "data.heldout_size", "must be >= 0", cfg.data.heldout_size)
     need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", cfg.data.max_prompt_tokens)

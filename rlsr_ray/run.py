@@ -27,7 +27,8 @@ USAGE = """usage: python -m rlsr_ray.run [PRESET] [--section.key=value ...]
 
 PRESET is a shipped preset ({presets}) or a path to a YAML file; default: 'default'.
 Overrides use dotted keys, e.g. --run.steps=10 --run.output_dir=out --data.path=my.jsonl
-Sections: model, data, rollout, algo, train, pools.<role>, ray, run (see README, "Configuration")."""
+Sections: model, data, rollout, algo, train, pools.<role>, ray, reward_service, sft, run (see README,
+"Configuration")."""
 
 
 def running_cluster_address() -> str | None:
@@ -90,22 +91,30 @@ def _device(pool) -> str:
     return "cuda" if pool.num_gpus > 0 else "cpu"
 
 
-def start_learners(cfg: Config, policy_path: str):
-    """Create the learner pool and start its DeepSpeed setup; returns (pool, pending setup)."""
-    from actors.learner import LearnerActor, LearnerSettings
-    from actors.pool import Pool
+def learner_settings(cfg: Config, lr: float, micro_steps: int):
+    """The learner's settings from the config (rlsr_ray.sft passes its own learning rate)."""
+    from actors.learner import LearnerSettings
     from rlsr_ray.loss import LossSettings
-    from rlsr_ray.plan import step_plan
 
-    p, a, t = cfg.pools.learner, cfg.algo, cfg.train
-    plan = step_plan(cfg)
-    settings = LearnerSettings(
-        lr=t.lr, adam_betas=t.adam_betas, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-        zero_stage=t.zero_stage, micro_batch_size=t.micro_batch_size, micro_steps=plan.micro_steps,
+    a, t = cfg.algo, cfg.train
+    return LearnerSettings(
+        lr=lr, adam_betas=t.adam_betas, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+        zero_stage=t.zero_stage, micro_batch_size=t.micro_batch_size, micro_steps=micro_steps,
         loss=LossSettings(a.clip_eps, a.kl_coef, a.kl_estimator, a.loss_aggregation),
         temperature=_temperature(cfg), compute_dtype=cfg.model.compute_dtype,
         recompute_old_logprobs=a.recompute_old_logprobs, seed=cfg.run.seed, optimizer=t.optimizer,
     )
+
+
+def start_learners(cfg: Config, policy_path: str):
+    """Create the learner pool and start its DeepSpeed setup; returns (pool, pending setup)."""
+    from actors.learner import LearnerActor
+    from actors.pool import Pool
+    from rlsr_ray.plan import step_plan
+
+    p = cfg.pools.learner
+    plan = step_plan(cfg)
+    settings = learner_settings(cfg, cfg.train.lr, plan.micro_steps)
     # No Ray restarts: a learner group is rebuilt whole and reloaded from a checkpoint (trainer.py).
     learner = Pool("learner", LearnerActor, p, dict(
         policy_path=policy_path, settings=settings, world_size=plan.learner_world_size,

@@ -1,0 +1,154 @@
+"""`python -m rlsr_ray.sft [PRESET] [--section.key=value ...]`: supervised fine-tuning on Ray Train.
+
+The same config, presets and data formats as `rlsr_ray.run`. The policy learns the reference
+answers of the training split (the held-out split stays out): cross-entropy on the answer tokens
+only, the prompt masked (actors/objectives.SFT). Workers are Ray Train `TorchTrainer` workers
+placed like pools.learner; each runs the learner pool's own DeepSpeed engine (a LearnerActor on the
+process group Ray Train made), so SFT and RLSR train through the same code. Each global batch is
+sorted by length before it is split over workers and micro-batches, so padding stays small. The
+result is an HF folder, `<run.output_dir>/final`, that `rlsr_ray.run --model.policy=PATH` and
+plain transformers load.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rlsr_ray.config import Config, ConfigError, load_config, preset_names
+
+log = logging.getLogger("rlsr_ray")
+
+USAGE = """usage: python -m rlsr_ray.sft [PRESET] [--section.key=value ...]
+
+Supervised fine-tuning of model.policy on the reference answers of the training split; writes
+<run.output_dir>/final. PRESET: {presets} or a YAML path. Keys: sft.steps, sft.batch_examples,
+sft.lr, sft.max_answer_tokens, plus train.*, pools.learner.*, data.*, run.output_dir, run.seed."""
+
+
+def sft_rows(cfg: Config, policy_path: str) -> pa.Table:
+    """SFT rows of the training split: prompt ids as rlsr_ray.run builds them, answer ids + EOS."""
+    from rlsr_ray import batch, data
+    from rlsr_ray.policy import load_tokenizer
+
+    examples = data.load_examples(cfg.data.path)
+    train, _ = data.split_heldout(examples, cfg.data.heldout_size, cfg.data.shuffle_seed)
+    tok = load_tokenizer(policy_path)
+    d = cfg.data
+    prompts, answers = [], []
+    for ex in train:  # one at a time: tokenize() may drop an overlong prompt, answers must stay paired
+        t = data.tokenize([ex], tok, d.max_prompt_tokens, d.prompt_overflow, d.system_prompt)
+        if not t.prompt_ids:
+            continue
+        ids = tok(ex.reference, add_special_tokens=False)["input_ids"][:cfg.sft.max_answer_tokens - 1]
+        prompts.append(t.prompt_ids[0])
+        answers.append(list(ids) + [tok.eos_token_id])
+    table = pa.table({"group_id": pa.array(range(len(prompts)), pa.int64()),
+                      "prompt_ids": pa.array(prompts, pa.list_(pa.int32())),
+                      "response_ids": pa.array(answers, pa.list_(pa.int32()))})
+    return batch.check(table, batch.SFT, "sft rows")
+
+
+def worker_shares(rows: pa.Table, indices: list[int], world: int, micro_batch_size: int
+                  ) -> tuple[list[pa.Table], float, int]:
+    """One global batch: its rows sorted by length and cut into one contiguous share per worker,
+    the batch's answer-token count (the loss normaliser on every worker), and the passes each
+    worker makes (the most any needs)."""
+    from rlsr_ray import batch
+
+    b = rows.take(pa.array(indices, pa.int64()))
+    lengths = np.array([len(p) + len(r) for p, r in zip(b.column("prompt_ids").to_pylist(),
+                                                       b.column("response_ids").to_pylist())])
+    b = b.take(pa.array(np.argsort(lengths, kind="stable"), pa.int64()))
+    shares = batch.split(b, world)
+    tokens = float(sum(len(r) for r in b.column("response_ids").to_pylist()))
+    return shares, tokens, max(math.ceil(len(s) / micro_batch_size) for s in shares)
+
+
+def _worker(job: dict[str, Any]) -> None:
+    """One Ray Train worker: a LearnerActor on Ray Train's process group, job["steps"] SFT steps."""
+    import ray.train
+
+    from actors.learner import LearnerActor
+    from rlsr_ray import data
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    lrn = LearnerActor(job["policy"], job["settings"], world_size=world, device=job["device"],
+                       torch_threads=job["threads"], cache_dir=job["cache_dir"], rank=rank)
+    lrn.setup(None)
+    rows: pa.Table = job["rows"]
+    cursor = data.PromptCursor(data.Tokenized(rows.column("prompt_ids").to_pylist(), [], 0, 0), job["seed"])
+    for step in range(job["steps"]):
+        shares, tokens, passes = worker_shares(rows, cursor.next_indices(job["batch"]), world,
+                                               job["settings"].micro_batch_size)
+        stats = lrn.sft_step([shares[rank]], [tokens], [passes])
+        ray.train.report({"step": step + 1, "nll_sum": stats["nll_sum"], "tokens": stats["tokens"],
+                          "skipped": stats["skipped"]})
+    lrn.save_pretrained(job["final"])  # every rank (ZeRO-3 gathers); rank 0 writes
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rlsr_ray.models import resolve_policy
+    from rlsr_ray.run import _device, connect_ray, learner_settings
+
+    t0 = time.perf_counter()
+    out = Path(cfg.run.output_dir).expanduser().resolve()  # Ray Train needs an absolute storage path
+    out.mkdir(parents=True, exist_ok=True)
+    policy = resolve_policy(cfg.model.policy, cfg.model.cache_dir)
+    rows = sft_rows(cfg, policy)
+    s = cfg.sft
+    steps = s.steps or math.ceil(len(rows) / s.batch_examples)
+    connect_ray(cfg)
+    p = cfg.pools.learner
+    settings = learner_settings(cfg, lr=s.lr, micro_steps=1)
+    job = {"policy": policy, "settings": settings, "device": _device(p), "threads": p.torch_threads,
+           "cache_dir": cfg.model.cache_dir, "rows": rows, "seed": cfg.run.seed, "steps": steps,
+           "batch": min(s.batch_examples, len(rows)), "final": str(out / "final")}
+    workers = max(1, p.num_actors)
+    resources = {"CPU": p.num_cpus, **({"GPU": p.num_gpus} if p.num_gpus else {}), **p.resources}
+    trainer = TorchTrainer(
+        _worker, train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=p.num_gpus > 0, resources_per_worker=resources,
+                                     accelerator_type=p.accelerator_type),
+        run_config=RunConfig(name="sft", storage_path=str(out / "ray_train"),
+                             failure_config=FailureConfig(max_failures=0)))
+    log.info("sft: %d examples, %d steps of %d on %d worker(s)", len(rows), steps, job["batch"], workers)
+    trainer.fit()
+    summary = {"final": job["final"], "examples": len(rows), "steps": steps, "workers": workers,
+               "total_s": time.perf_counter() - t0}
+    (out / "sft_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE.format(presets=", ".join(preset_names())))
+        return 0
+    preset = argv.pop(0) if argv and not argv[0].startswith("--") else "default"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from rlsr_ray.data import DataError
+    from rlsr_ray.models import ModelError
+
+    try:
+        summary = run(load_config(preset, argv))
+    except (ConfigError, DataError, ModelError) as e:
+        print(f"rlsr_ray: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
