@@ -36,12 +36,9 @@ class ReferenceActor:
         })
         return batch.check(table, batch.REF_LOGPROBS, f"reference[{self.rank}] output")
 
-    def logprobs_parts(self, selection: list[Piece], *rollouts: pa.Table) -> pa.Table:
-        """logprobs() of the rows a selection names in rollout tables passed by reference."""
-        return self.logprobs(gather(rollouts, selection, batch.ROLLOUTS))
-
     def logprobs_counted(self, selection: list[Piece], *rollouts: pa.Table) -> tuple[pa.Table, int]:
-        """logprobs_parts() and its row count: called with two returns, so the driver waits on
-        the count and the learners read the table."""
-        table = self.logprobs_parts(selection, *rollouts)
+        """logprobs() of the rows a selection names in rollout tables passed by reference, and its
+        row count: called with two returns, so the driver waits on the count and the learners
+        read the table."""
+        table = self.logprobs(gather(rollouts, selection, batch.ROLLOUTS))
         return table, len(table)

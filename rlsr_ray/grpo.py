@@ -35,13 +35,18 @@ def group_advantages(
     return adv.astype(np.float32)
 
 
-def _all_equal(rewards: np.ndarray, inverse: np.ndarray) -> np.ndarray:
-    """Per sample: is every reward in its group the same?"""
-    n = inverse.max() + 1 if len(inverse) else 0
-    lo = np.full(n, np.inf)
-    hi = np.full(n, -np.inf)
+def _group_range(rewards: np.ndarray, inverse: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group (inverse[i] = sample i's group): the lowest and highest reward."""
+    lo = np.full(groups, np.inf)
+    hi = np.full(groups, -np.inf)
     np.minimum.at(lo, inverse, rewards)
     np.maximum.at(hi, inverse, rewards)
+    return lo, hi
+
+
+def _all_equal(rewards: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """Per sample: is every reward in its group the same?"""
+    lo, hi = _group_range(rewards, inverse, inverse.max() + 1 if len(inverse) else 0)
     return (hi - lo == 0)[inverse]
 
 
@@ -56,10 +61,7 @@ def informative_groups(rewards: np.ndarray, group_ids: np.ndarray, rtol: float) 
     rewards = np.asarray(rewards, dtype=np.float64)
     ids, first, inverse, counts = np.unique(np.asarray(group_ids), return_index=True, return_inverse=True,
                                             return_counts=True)
-    lo = np.full(len(ids), np.inf)
-    hi = np.full(len(ids), -np.inf)
-    np.minimum.at(lo, inverse, rewards)
-    np.maximum.at(hi, inverse, rewards)
+    lo, hi = _group_range(rewards, inverse, len(ids))
     scale = np.maximum(np.abs(lo), np.abs(hi))
     keep = (counts > 1) & (hi - lo > rtol * scale)
     return keep[np.argsort(first)]

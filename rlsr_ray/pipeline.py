@@ -112,9 +112,9 @@ def loaded_generation(pools: Pools, table: pa.Table, spec: SamplingSpec, step: i
     from rlsr_ray.selection import rollout_summary
 
     prompts = table.filter(pc.equal(table.column("sample_idx"), 0)).select(batch.PROMPTS.names)
-    version = rollout_summary(table)["min_version"]
-    return Generation(step, batch.check(prompts, batch.PROMPTS, "pending prompts"), spec, version,
-                      put(pools.rollout, [table]), [rollout_summary(table)], done=True)
+    summary = rollout_summary(table)
+    return Generation(step, batch.check(prompts, batch.PROMPTS, "pending prompts"), spec, summary["min_version"],
+                      put(pools.rollout, [table]), [summary], done=True)
 
 
 def fetch_rollouts(pools: Pools, gen: Generation) -> pa.Table:

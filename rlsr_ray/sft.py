@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rlsr_ray.config import Config, ConfigError, load_config, preset_names
 
@@ -64,11 +65,11 @@ def worker_shares(rows: pa.Table, indices: list[int], world: int, micro_batch_si
     from rlsr_ray import batch
 
     b = rows.take(pa.array(indices, pa.int64()))
-    lengths = np.array([len(p) + len(r) for p, r in zip(b.column("prompt_ids").to_pylist(),
-                                                       b.column("response_ids").to_pylist())])
+    answers = pc.list_value_length(b.column("response_ids")).to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(b.column("prompt_ids")).to_numpy(zero_copy_only=False) + answers
     b = b.take(pa.array(np.argsort(lengths, kind="stable"), pa.int64()))
     shares = batch.split(b, world)
-    tokens = float(sum(len(r) for r in b.column("response_ids").to_pylist()))
+    tokens = float(answers.sum())
     return shares, tokens, max(math.ceil(len(s) / micro_batch_size) for s in shares)
 
 
