@@ -163,6 +163,23 @@ class SftConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    # `python -m rlsr_ray.eval CHECKPOINT ...`: the checkpoints' answers to held-out prompts,
+    # compared with the references and, with a judge, with each other.
+    data_path: Optional[str] = None  # every row of this file; None: data.path's held-out split
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    output_dir: str = "outputs/eval"
+    # "none"; an OpenAI-compatible server's base URL (http://host:port/v1); or a local HF causal
+    # LM (folder or built-in name). A small model is no judge: its votes are plumbing, not quality.
+    judge: str = "none"
+    judge_model: str = ""  # the endpoint's model name
+    judge_api_key_env: str = "OPENAI_API_KEY"  # sent as a bearer token when set
+    judge_prompt: Optional[str] = None  # a file with {instruction} {response_a} {response_b}
+    judge_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     steps: int = 100
     output_dir: str = "outputs/rlsr"
@@ -186,6 +203,7 @@ class Config:
     ray: RayConfig = RayConfig()
     reward_service: RewardServiceConfig = RewardServiceConfig()
     sft: SftConfig = SftConfig()
+    eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
 
     def to_dict(self) -> dict[str, Any]:

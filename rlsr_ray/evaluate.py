@@ -15,18 +15,29 @@ from actors.sampling import SamplingSpec
 from rlsr_ray.pipeline import Pools, fetch_rollouts, finish_generation, score, start_generation
 
 
-def heldout_similarity(pools: Pools, prompts: pa.Table, max_new_tokens: int) -> dict[str, Any]:
-    spec = SamplingSpec(n=1, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
+def answers(pools: Pools, prompts: pa.Table, spec: SamplingSpec) -> list[dict[str, Any]]:
+    """One response per prompt, in the prompts' order, with its reward-model scores."""
     gen = finish_generation(pools, start_generation(pools, prompts, spec, step=-1))
     rewards = score(pools, gen, with_reference=False).rewards
     rollouts = fetch_rollouts(pools, gen)
-    sims = dict(zip(rewards.column("group_id").to_pylist(), rewards.column("similarity").to_pylist()))
-    order = rollouts.column("group_id").to_pylist()
-    return {
-        "similarity": [float(sims[g]) for g in order],
-        "responses": rollouts.column("response_text").to_pylist(),
-        "lengths": [len(x) for x in rollouts.column("response_ids").to_pylist()],
-    }
+    by_group = {g: k for k, g in enumerate(rollouts.column("group_id").to_pylist())}
+    scored = {g: k for k, g in enumerate(rewards.column("group_id").to_pylist())}
+    r, w = rollouts.to_pydict(), rewards.to_pydict()
+    out = []
+    for g in prompts.column("group_id").to_pylist():
+        k, j = by_group[g], scored[g]
+        out.append({"output": r["response_text"][k], "tokens": len(r["response_ids"][k]),
+                    "finish_reason": r["finish_reason"][k], "similarity": float(w["similarity"][j]),
+                    "reward": float(w["reward"][j]), "lcs_chars": int(w["lcs_chars"][j]),
+                    "copy_penalized": bool(w["lcs_penalized"][j])})
+    return out
+
+
+def heldout_similarity(pools: Pools, prompts: pa.Table, max_new_tokens: int) -> dict[str, Any]:
+    spec = SamplingSpec(n=1, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
+    rows = answers(pools, prompts, spec)
+    return {"similarity": [x["similarity"] for x in rows], "responses": [x["output"] for x in rows],
+            "lengths": [x["tokens"] for x in rows]}
 
 
 def paired_delta(before: list[float], after: list[float]) -> dict[str, float]:

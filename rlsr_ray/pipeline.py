@@ -160,7 +160,7 @@ def score(pools: Pools, gen: Generation, with_reference: bool = True) -> Scored:
         ref_tables, ref_counts = [o[0] for o in outs], [o[1] for o in outs]
         timing["reference_s"] = time.perf_counter() - t_ref
     remote = {"reward_s": pending_reward if pools.reward.remote else [],
-              "reference_s": ref_counts if pools.reference.remote else []}
+              "reference_s": ref_counts if with_reference and pools.reference.remote else []}
     timing.update(_ready_after(remote, t0, pools.reward.call_timeout_s))
     rewards = pa.concat_tables([batch.check(t, batch.REWARDS, "rewards")
                                 for t in pools.reward.get(pending_reward, "score", submitted)])

@@ -132,31 +132,44 @@ def _timeouts(cfg: Config) -> dict[str, float]:
     return dict(placement_timeout_s=cfg.ray.placement_timeout_s, call_timeout_s=cfg.ray.call_timeout_s)
 
 
-def build_pools(cfg: Config, policy_path: str, reward_path: str):
+def rollout_pool(cfg: Config, policy_path: str):
     from actors.pool import Pool
-    from actors.reference import ReferenceActor
-    from actors.reward import RewardActor
     from actors.rollout import RolloutActor
-    from rlsr_ray.loop import Pools
-    from rlsr_ray.plan import step_plan
+
+    p, r = cfg.pools.rollout, cfg.rollout
+    return Pool("rollout", RolloutActor, p, dict(
+        policy_path=policy_path, backend=r.backend, compute_dtype=cfg.model.compute_dtype,
+        device=_device(p), torch_threads=p.torch_threads, generate_batch_size=r.generate_batch_size,
+        vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization), **_timeouts(cfg))
+
+
+def reward_pool(cfg: Config, reward_path: str):
+    """The reward pool, or the shared reward service when reward_service.enabled."""
+    from actors.pool import Pool
+    from actors.reward import RewardActor
     from rlsr_ray.reward import PenaltyRule
 
-    p, r, a, t = cfg.pools, cfg.rollout, cfg.algo, cfg.train
-    # Learners first: they are the largest, and their setup proceeds while the others load.
-    learner, setup = start_learners(cfg, policy_path)
-    rollout = Pool("rollout", RolloutActor, p.rollout, dict(
-        policy_path=policy_path, backend=r.backend, compute_dtype=cfg.model.compute_dtype,
-        device=_device(p.rollout), torch_threads=p.rollout.torch_threads,
-        generate_batch_size=r.generate_batch_size, vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization),
-        **_timeouts(cfg))
+    p, a = cfg.pools.reward, cfg.algo
     if cfg.reward_service.enabled:
         from rlsr_ray import reward_service
 
-        reward = reward_service.connect(cfg, _device(p.reward))
-    else:
-        reward = Pool("reward", RewardActor, p.reward, dict(
-            model_path=reward_path, rule=PenaltyRule(a.lcs_min_chars, a.lcs_min_fraction, a.lcs_penalty),
-            device=_device(p.reward), torch_threads=p.reward.torch_threads), **_timeouts(cfg))
+        return reward_service.connect(cfg, _device(p))
+    return Pool("reward", RewardActor, p, dict(
+        model_path=reward_path, rule=PenaltyRule(a.lcs_min_chars, a.lcs_min_fraction, a.lcs_penalty),
+        device=_device(p), torch_threads=p.torch_threads), **_timeouts(cfg))
+
+
+def build_pools(cfg: Config, policy_path: str, reward_path: str):
+    from actors.pool import Pool
+    from actors.reference import ReferenceActor
+    from rlsr_ray.loop import Pools
+    from rlsr_ray.plan import step_plan
+
+    p, t = cfg.pools, cfg.train
+    # Learners first: they are the largest, and their setup proceeds while the others load.
+    learner, setup = start_learners(cfg, policy_path)
+    rollout = rollout_pool(cfg, policy_path)
+    reward = reward_pool(cfg, reward_path)
     reference = Pool("reference", ReferenceActor, p.reference, dict(
         policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=_device(p.reference),
         torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,

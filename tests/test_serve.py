@@ -94,3 +94,18 @@ def test_bad_checkpoint_is_one_line_and_exit_2(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "not an HF model folder" in proc.stderr
+
+
+def test_the_eval_judge_talks_to_this_server(server):
+    """rlsr_ray.eval's endpoint judge against a real OpenAI-compatible server (this project's).
+    The tiny random policy is no judge: what is checked is the protocol, not its votes."""
+    from rlsr_ray import judge as J
+
+    url, _, _ = server
+    jd = J.EndpointJudge(url, "tiny", timeout_s=60, max_tokens=4)
+    rows = J.pairwise(jd, J.load_template(None), ["Name a color."], ["Blue."], ["Seven."])
+    assert all(v in J.CHOICES or v is None for v in (rows[0]["x_first"], rows[0]["x_second"]))
+    with pytest.raises(J.JudgeError, match=r"/v1/chat/completions: HTTP 400: .*max_tokens"):
+        J.EndpointJudge(url, "tiny", max_tokens=0).ask("A or B?")  # the server's OpenAI error body
+    with pytest.raises(J.JudgeError, match=r"HTTP 404"):
+        J.EndpointJudge(url.removesuffix("/v1"), "tiny").ask("A or B?")
