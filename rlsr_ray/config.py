@@ -160,6 +160,11 @@ class SftConfig:
     batch_examples: int = 32  # examples per optimizer step, over all workers
     lr: float = 1e-5
     max_answer_tokens: int = 256  # longer reference answers are cut (EOS kept)
+    save_every: int = 0  # steps between resumable checkpoints; 0: only after the last step
+    # Where Ray Train keeps runs and checkpoints: an absolute path or a URI (s3://, gs://, NFS
+    # mount); None: <run.output_dir>/ray_train. run.resume=auto goes on from the newest run there.
+    storage_path: Optional[str] = None
+    max_failures: int = 2  # worker-group restarts, each from the newest checkpoint
 
 
 @dataclass(frozen=True)
@@ -379,6 +384,13 @@ def validate(cfg: Config) -> None:
          "needs at least one example per learner", cfg.sft.batch_examples)
     need(cfg.sft.lr > 0, "sft.lr", "must be > 0", cfg.sft.lr)
     need(cfg.sft.max_answer_tokens >= 1, "sft.max_answer_tokens", "must be >= 1", cfg.sft.max_answer_tokens)
+    need(cfg.sft.save_every >= 0, "sft.save_every", "must be >= 0", cfg.sft.save_every)
+    need(cfg.sft.max_failures >= 0, "sft.max_failures", "must be >= 0", cfg.sft.max_failures)
+    sp = cfg.sft.storage_path
+    need(sp is None or "://" in sp or sp.startswith(("/", "~")), "sft.storage_path",
+         "must be an absolute path or a URI such as s3://bucket/dir", sp)
+    need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", cfg.eval.max_new_tokens)
+    need(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0", cfg.eval.temperature)
     need(cfg.run.steps >= 0, "run.steps", "must be >= 0", cfg.run.steps)
     need(cfg.data.heldout_size >= 0, "data.heldout_size", "must be >= 0", cfg.data.heldout_size)
     need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", cfg.data.max_prompt_tokens)

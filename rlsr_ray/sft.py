@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,9 @@ USAGE = """usage: python -m rlsr_ray.sft [PRESET] [--section.key=value ...]
 
 Supervised fine-tuning of model.policy on the reference answers of the training split; writes
 <run.output_dir>/final. PRESET: {presets} or a YAML path. Keys: sft.steps, sft.batch_examples,
-sft.lr, sft.max_answer_tokens, plus train.*, pools.learner.*, data.*, run.output_dir, run.seed."""
+sft.lr, sft.max_answer_tokens, sft.save_every, sft.storage_path, sft.max_failures, plus train.*,
+pools.learner.*, data.*, run.output_dir, run.seed, run.keep_checkpoints and run.resume (auto: go on
+from the newest SFT run's newest checkpoint)."""
 
 
 def sft_rows(cfg: Config, policy_path: str) -> pa.Table:
@@ -74,30 +77,105 @@ def worker_shares(rows: pa.Table, indices: list[int], world: int, micro_batch_si
 
 
 def _worker(job: dict[str, Any]) -> None:
-    """One Ray Train worker: a LearnerActor on Ray Train's process group, job["steps"] SFT steps."""
+    """One Ray Train worker: a LearnerActor on Ray Train's process group, SFT steps from the newest
+    checkpoint Ray Train holds for this run (none: from the start) to job["steps"]."""
     import ray.train
+    from ray.train import Checkpoint
 
     from actors.learner import LearnerActor
     from rlsr_ray import data
+    from rlsr_ray.metrics import MetricsWriter, truncate_metrics
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     lrn = LearnerActor(job["policy"], job["settings"], world_size=world, device=job["device"],
                        torch_threads=job["threads"], cache_dir=job["cache_dir"], rank=rank)
     lrn.setup(None)
+    start, cursor_state = 0, {}
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:  # a restarted worker group, or run.resume: weights, optimizer, RNG, cursor
+        with resumed.as_directory() as folder:
+            state = lrn.load_checkpoint(folder)
+        start, cursor_state = int(state["step"]), state["cursor"]
+        print(f"sft worker {rank}: resumed from step {start} ({resumed.path})", flush=True)
     rows: pa.Table = job["rows"]
-    cursor = data.PromptCursor(data.Tokenized(rows.column("prompt_ids").to_pylist(), [], 0, 0), job["seed"])
-    for step in range(job["steps"]):
+    cursor = data.PromptCursor(data.Tokenized(rows.column("prompt_ids").to_pylist(), [], 0, 0), job["seed"],
+                               **cursor_state)
+    out = Path(job["output_dir"])
+    writer = None
+    if rank == 0:
+        truncate_metrics(out, start)  # lines past the checkpoint belong to the attempt that died
+        writer = MetricsWriter(out, tensorboard=False)
+    for step in range(start, job["steps"]):
+        t0 = time.perf_counter()
         shares, tokens, passes = worker_shares(rows, cursor.next_indices(job["batch"]), world,
                                                job["settings"].micro_batch_size)
         stats = lrn.sft_step([shares[rank]], [tokens], [passes])
-        ray.train.report({"step": step + 1, "nll_sum": stats["nll_sum"], "tokens": stats["tokens"],
-                          "skipped": stats["skipped"]})
+        nll, counted = _summed(stats["nll_sum"], stats["tokens"], world, job["device"])  # the batch's, not a share's
+        row = {"step": step + 1, "loss": nll / max(counted, 1.0), "tokens": counted,
+               "skipped": stats["skipped"], "grad_norm": stats.get("grad_norm", float("nan")),
+               "step_s": time.perf_counter() - t0}
+        if writer is not None:
+            writer.write(row)
+        last = step + 1 == job["steps"]
+        if last or (job["save_every"] and (step + 1) % job["save_every"] == 0):
+            staged = out / "sft_staging" / f"step_{step + 1}"  # every rank writes its optimizer shard here
+            lrn.save_pretrained(str(staged), {"step": step + 1, "policy_version": step + 1,
+                                              "cursor": cursor.state(), "reference_policy": job["policy"]})
+            ckpt = Checkpoint.from_directory(str(staged)) if rank == 0 else None
+            ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=f"step_{step + 1}",
+                             delete_local_checkpoint_after_upload=True)
+        else:
+            ray.train.report(row)
+    if writer is not None:
+        writer.close()
+        shutil.rmtree(out / "sft_staging", ignore_errors=True)  # each checkpoint went to storage
     lrn.save_pretrained(job["final"])  # every rank (ZeRO-3 gathers); rank 0 writes
 
 
+def _summed(a: float, b: float, world: int, device: str) -> tuple[float, float]:
+    import torch
+
+    t = torch.tensor([a, b], dtype=torch.float64, device=device)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return float(t[0]), float(t[1])
+
+
+def storage_root(cfg: Config, out: Path) -> str:
+    return cfg.sft.storage_path or str(out / "ray_train")
+
+
+def train_run_name(cfg: Config, storage: str) -> str:
+    """The Ray Train run to write: a fresh name, or with run.resume the run to go on from
+    ("auto": the newest one under the storage path that reported a checkpoint)."""
+    resume = cfg.run.resume
+    if resume in (None, "never"):
+        return time.strftime("sft-%Y%m%d-%H%M%S")
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(),
+                                                                           str(Path(storage).expanduser()))
+    if resume != "auto":
+        if fs.get_file_info(f"{root}/{resume}").type != pafs.FileType.Directory:
+            raise ConfigError(f"run.resume: no SFT run named {resume!r} under {storage}")
+        return resume
+    runs = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    names = sorted(i.base_name for i in runs if i.type == pafs.FileType.Directory and i.base_name.startswith("sft-"))
+    for name in reversed(names):  # Ray Train's record of the checkpoints a run reported
+        if fs.get_file_info(f"{root}/{name}/checkpoint_manager_snapshot.json").type == pafs.FileType.File:
+            return name
+    return time.strftime("sft-%Y%m%d-%H%M%S")
+
+
+class SftError(RuntimeError):
+    """Training failed on the workers; the message is the first line of the cause."""
+
+
 def run(cfg: Config) -> dict[str, Any]:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from rlsr_ray.models import resolve_policy
@@ -105,28 +183,43 @@ def run(cfg: Config) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     out = Path(cfg.run.output_dir).expanduser().resolve()  # Ray Train needs an absolute storage path
-    out.mkdir(parents=True, exist_ok=True)
     policy = resolve_policy(cfg.model.policy, cfg.model.cache_dir)
     rows = sft_rows(cfg, policy)
     s = cfg.sft
+    storage = storage_root(cfg, out)
+    name = train_run_name(cfg, storage)
     steps = s.steps or math.ceil(len(rows) / s.batch_examples)
-    connect_ray(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    started = connect_ray(cfg)
     p = cfg.pools.learner
     settings = learner_settings(cfg, lr=s.lr, micro_steps=1)
     job = {"policy": policy, "settings": settings, "device": _device(p), "threads": p.torch_threads,
            "cache_dir": cfg.model.cache_dir, "rows": rows, "seed": cfg.run.seed, "steps": steps,
-           "batch": min(s.batch_examples, len(rows)), "final": str(out / "final")}
+           "batch": min(s.batch_examples, len(rows)), "save_every": s.save_every, "output_dir": str(out),
+           "final": str(out / "final")}
     workers = max(1, p.num_actors)
     resources = {"CPU": p.num_cpus, **({"GPU": p.num_gpus} if p.num_gpus else {}), **p.resources}
     trainer = TorchTrainer(
         _worker, train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=p.num_gpus > 0, resources_per_worker=resources,
                                      accelerator_type=p.accelerator_type),
-        run_config=RunConfig(name="sft", storage_path=str(out / "ray_train"),
-                             failure_config=FailureConfig(max_failures=0)))
-    log.info("sft: %d examples, %d steps of %d on %d worker(s)", len(rows), steps, job["batch"], workers)
-    trainer.fit()
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints or None)))
+    log.info("sft: %d examples, %d steps of %d on %d worker(s); Ray Train run %s under %s", len(rows), steps,
+             job["batch"], workers, name, storage)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        cause = str(e).strip().splitlines()
+        raise SftError(f"SFT run {name} failed: {cause[-1] if cause else type(e).__name__}") from None
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     summary = {"final": job["final"], "examples": len(rows), "steps": steps, "workers": workers,
+               "ray_train_run": name, "storage_path": storage,
+               "checkpoint": result.checkpoint.path if result.checkpoint else None,
                "total_s": time.perf_counter() - t0}
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -144,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run(load_config(preset, argv))
-    except (ConfigError, DataError, ModelError) as e:
+    except (ConfigError, DataError, ModelError, SftError) as e:
         print(f"rlsr_ray: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

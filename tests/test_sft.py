@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -24,33 +23,42 @@ def test_a_global_batch_is_length_sorted_and_split_over_workers():
     assert passes == 2  # 3 rows in micro-batches of 2
 
 
+def _sft(out, *args):
+    done = subprocess.run([sys.executable, "-m", "rlsr_ray.sft", "tiny", "--ray.address=local",
+                           f"--run.output_dir={out}", "--sft.batch_examples=8", "--sft.lr=1e-3", "--sft.save_every=2",
+                           "--pools.learner.num_actors=2", "--train.zero_stage=2", *args],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.slow
-def test_sft_on_two_workers_writes_a_policy_that_rlsr_starts_from(tmp_path):
-    """Two Ray Train workers (ZeRO-2) fine-tune the tiny policy; plain transformers loads the
-    result, its weights moved, and `rlsr_ray.run` trains from it with it as the reference."""
+def test_sft_on_two_workers_resumes_exactly_and_writes_a_transformers_folder(tmp_path):
+    """Two Ray Train workers (ZeRO-2) fine-tune the tiny policy three steps in one go, and two
+    then one more with run.resume=auto (Ray Train's get_checkpoint on the same run name): the
+    ZeRO-2 shards, RNG and data cursor come back, so the weights are bitwise equal and
+    metrics.jsonl holds each step once. Plain transformers loads the result, and its weights
+    moved. (RLSR from an SFT policy: tests/test_compare.py.)"""
     import torch
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from rlsr_ray.models import resolve_policy
 
-    out = tmp_path / "sft"
-    done = subprocess.run([sys.executable, "-m", "rlsr_ray.sft", "tiny", "--ray.address=local",
-                           f"--run.output_dir={out}", "--sft.steps=3", "--sft.batch_examples=8", "--sft.lr=1e-3",
-                           "--pools.learner.num_actors=2", "--train.zero_stage=2"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    final = out / "final"
-    tuned = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).state_dict()
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _sft(whole, "--sft.steps=3")
+    tuned = AutoModelForCausalLM.from_pretrained(whole / "final", dtype=torch.float32).state_dict()
     base = AutoModelForCausalLM.from_pretrained(resolve_policy("tiny-random", "~/.cache/rlsr_ray"),
                                                 dtype=torch.float32).state_dict()
     moved = max(float((tuned[k] - base[k]).abs().max()) for k in base)
     assert moved > 1e-4, moved
 
-    rl = tmp_path / "rl"
-    done = subprocess.run([sys.executable, "-m", "rlsr_ray.run", "tiny", "--ray.address=local", "--run.steps=1",
-                           "--run.eval_before_after=false", f"--model.policy={final}", f"--run.output_dir={rl}"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    state = json.loads((rl / "checkpoints" / "step_1" / "trainer_state.json").read_text())
-    assert state["reference_policy"] == str(final.resolve())
-    assert np.isfinite(json.loads((rl / "metrics.jsonl").read_text().splitlines()[0])["kl"])
+    _sft(parts, "--sft.steps=2")
+    done = _sft(parts, "--sft.steps=3", "--run.resume=auto")
+    assert "resumed from step 2" in done.stdout + done.stderr
+    a, b = load_file(whole / "final" / "model.safetensors"), load_file(parts / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    rows = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["loss"] for r in rows] == [json.loads(x)["loss"] for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert len(list((parts / "ray_train").iterdir())) == 1  # one Ray Train run, gone on from
