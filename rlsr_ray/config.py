@@ -346,6 +346,19 @@ def load_config(preset: str = "default", overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of cfg with dotted keys set ({"run.output_dir": "x"}), checked like an override."""
+    data = cfg.to_dict()
+    for key, value in values.items():
+        nested: Any = value
+        for p in reversed(key.split(".")):
+            nested = {p: nested}
+        data = _merge(data, nested)
+    out = _build(Config, data)
+    validate(out)
+    return out
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
 

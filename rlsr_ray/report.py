@@ -1,0 +1,149 @@
+"""The comparison's HTML report, built only from the files the arms wrote.
+
+    <compare dir>/sft/metrics.jsonl, rlsr/metrics.jsonl, sft_rlsr/metrics.jsonl   per-step training
+    <compare dir>/eval/eval_summary.json                                          the evaluation
+    -> <compare dir>/figures/*.png and report.html (the PNGs embedded: one file to send around)
+
+Every number in a table cell carries `data-source`, the summary file and key it was read from, so
+a reader (and the test) can trace it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+ARMS = {"base": "base", "sft": "SFT", "rlsr": "RLSR", "sft_rlsr": "SFT → RLSR"}
+TRAINED = ("sft", "rlsr", "sft_rlsr")
+# Eval metrics: label, how to show a value, whether higher is better.
+METRICS = {
+    "similarity": ("similarity to reference (reward's embedding)", "{:.4f}"),
+    "rouge_l": ("ROUGE-L vs reference", "{:.4f}"),
+    "chrf": ("chrF vs reference", "{:.4f}"),
+    "copy_penalized": ("copy-penalty rate", "{:.3f}"),
+    "tokens": ("answer length (tokens)", "{:.1f}"),
+    "cut": ("cut at the token limit", "{:.3f}"),
+}
+# Per-step curves: metrics.jsonl key -> title.
+CURVES = {"reward_mean": "reward (mean over samples)", "kl": "KL to the reference policy",
+          "response_length_mean": "response length (tokens)"}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else pattern.format(value)
+
+
+def _cell(value: Any, pattern: str, source: str) -> str:
+    return f'<td data-source="{html.escape(source)}">{_fmt(value, pattern)}</td>'
+
+
+def plot_figures(root: Path, curves: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str]]:
+    """PNG files under root/figures: (relative path, caption) of each."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig_dir = root / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+
+    def save(fig, name: str, caption: str) -> None:
+        fig.tight_layout()
+        fig.savefig(fig_dir / name, dpi=100, format="png")
+        plt.close(fig)
+        made.append((f"figures/{name}", caption))
+
+    for key, title in CURVES.items():
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for arm in ("rlsr", "sft_rlsr"):
+            rows = [r for r in curves.get(arm, []) if isinstance(r.get(key), (int, float))]
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=ARMS[arm])
+        ax.set_xlabel("RL step")
+        ax.set_title(title)
+        ax.legend()
+        save(fig, f"{key}.png", f"{title}, per RL step")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    sft = curves.get("sft", [])
+    a.plot([r["step"] for r in sft], [r["loss"] for r in sft], marker=".", color="tab:green")
+    a.set_title("SFT: answer-token cross-entropy")
+    a.set_xlabel("SFT step")
+    for arm in ("rlsr", "sft_rlsr"):
+        rows = curves.get(arm, [])
+        b.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".", label=ARMS[arm])
+    b.set_title("RL: policy loss + KL term")
+    b.set_xlabel("RL step")
+    b.legend()
+    save(fig, "loss.png", "training loss per step (SFT and the two RL arms; different objectives)")
+    return made
+
+
+def build(root: Path) -> Path:
+    """Write root/report.html from the arms' files; returns its path."""
+    root = Path(root)
+    curves = {arm: read_jsonl(root / arm / "metrics.jsonl") for arm in TRAINED}
+    summary = json.loads((root / "eval" / "eval_summary.json").read_text())
+    figures = plot_figures(root, curves)
+    src = "eval/eval_summary.json"
+    arms = [a for a in ARMS if a in summary["checkpoints"]]
+
+    parts = ["<h1>RLSR comparison: base, SFT, RLSR, SFT → RLSR</h1>",
+             f"<p>{summary['prompts']} prompts ({html.escape(summary['source'])}), answers with at most "
+             f"{summary['max_new_tokens']} new tokens at temperature {summary['temperature']}.</p>"]
+    parts.append("<h2>Evaluation</h2><table><tr><th>metric</th>"
+                 + "".join(f"<th>{html.escape(ARMS[a])}</th>" for a in arms) + "</tr>")
+    for m, (label, pattern) in METRICS.items():
+        parts.append(f"<tr><th>{html.escape(label)}</th>"
+                     + "".join(_cell(summary["checkpoints"][a][m], pattern, f"{src}:checkpoints.{a}.{m}") for a in arms)
+                     + "</tr>")
+    parts.append("</table>")
+    parts.append("<h2>Paired deltas (X − Y, mean ± standard error over prompts)</h2>"
+                 "<table><tr><th>X vs Y</th>" + "".join(f"<th>{html.escape(METRICS[m][0])}</th>" for m in METRICS)
+                 + "</tr>")
+    for key, d in summary["deltas"].items():
+        row = [f"<tr><th>{html.escape(ARMS.get(d['x'], d['x']))} vs {html.escape(ARMS.get(d['y'], d['y']))}</th>"]
+        for m, (_, pattern) in METRICS.items():
+            s = f"{src}:deltas.{key}.{m}"
+            row.append(f'<td><span data-source="{s}.delta_mean">{_fmt(d[m]["delta_mean"], pattern)}</span> ± '
+                       f'<span data-source="{s}.delta_se">{_fmt(d[m]["delta_se"], pattern)}</span></td>')
+        parts.append("".join(row) + "</tr>")
+    parts.append("</table>")
+    parts.append("<h2>Win rate (pairwise judge)</h2>")
+    j = summary["judge"]
+    if not j.get("configured"):
+        parts.append(f"<p><b>No judge configured</b> (eval.judge): no win rates. {html.escape(j.get('note', ''))}</p>")
+    else:
+        parts.append(f"<p>Judge: {html.escape(j['judge'])}; prompt {html.escape(j['prompt'])}; both orders asked, "
+                     "ties count half.</p>")
+        if "caution" in j:
+            parts.append(f"<p><b>Caution:</b> {html.escape(j['caution'])}</p>")
+        parts.append("<table><tr><th>X vs Y</th><th>X's win rate %</th><th>length-controlled %</th>"
+                     "<th>prompts</th><th>order agreement</th></tr>")
+        for key, w in j["win_rates"].items():
+            s = f"{src}:judge.win_rates.{key}"
+            parts.append(f"<tr><th>{html.escape(ARMS.get(w['x'], w['x']))} vs {html.escape(ARMS.get(w['y'], w['y']))}</th>"
+                         f'<td><span data-source="{s}.win_rate">{_fmt(w["win_rate"], "{:.1f}")}</span> ± '
+                         f'<span data-source="{s}.se">{_fmt(w["se"], "{:.1f}")}</span></td>'
+                         + _cell(w.get("lc_win_rate"), "{:.1f}", f"{s}.lc_win_rate")
+                         + _cell(w["n"], "{}", f"{s}.n") + _cell(w["order_agreement"], "{:.2f}", f"{s}.order_agreement")
+                         + "</tr>")
+        parts.append("</table>")
+    parts.append("<h2>Training</h2>")
+    for rel, caption in figures:
+        data = base64.b64encode((root / rel).read_bytes()).decode()
+        parts.append(f'<figure data-file="{rel}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{text-align:left}figure{margin:1em 0}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>RLSR comparison</title><style>{style}</style>"
+            f"</head><body>{''.join(parts)}</body></html>")
+    out = root / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out

@@ -1,0 +1,80 @@
+"""`python -m rlsr_ray.compare tiny`: the three arms, the four-way eval and the report, end to end.
+
+The report is checked against the files it was built from: every figure it names exists and is
+the PNG it embeds, and every number in its tables is the value at the summary key it cites."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _lookup(root: Path, source: str):
+    file, _, key = source.partition(":")
+    value = json.loads((root / file).read_text())
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    # A local judge so the win-rate table is built too; the tiny random model is no judge, and
+    # the report must say so.
+    done = subprocess.run([sys.executable, "-m", "rlsr_ray.compare", "tiny", "--ray.address=local",
+                           f"--run.output_dir={out}", "--eval.judge=tiny-random"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads((out / "compare_summary.json").read_text())
+
+
+def test_rlsr_from_sft_starts_from_and_is_anchored_to_the_sft_policy(finished):
+    out, result = finished
+    assert result["checkpoints"]["sft"] == str(out / "sft" / "final")
+    state = json.loads((Path(result["checkpoints"]["sft_rlsr"]) / "trainer_state.json").read_text())
+    assert state["reference_policy"] == str((out / "sft" / "final").resolve())
+    rows = [json.loads(x) for x in (out / "sft_rlsr" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["kl"]) for r in rows)
+
+
+def test_every_figure_and_number_in_the_report_comes_from_the_files(finished):
+    out, _ = finished
+    page = (out / "report.html").read_text()
+    figures = re.findall(r'<figure data-file="([^"]+)"><img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    assert {Path(f).stem for f, _ in figures} == {"reward_mean", "kl", "response_length_mean", "loss"}
+    for rel, data in figures:
+        raw = (out / rel).read_bytes()
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n" and base64.b64decode(data) == raw
+    cited = re.findall(r'data-source="([^"]+)">([^<]*)<', page)
+    assert len(cited) >= 6 * 4 + 6 * 6 * 2 + 6 * 5  # metric table, delta table, win-rate table
+    for source, shown in cited:
+        value = _lookup(out, source)
+        if shown == "–":
+            assert value is None or not math.isfinite(value), source
+            continue
+        decimals = len(shown.split(".")[1]) if "." in shown else 0
+        assert abs(float(shown) - float(value)) <= 0.5 * 10 ** -decimals + 1e-12, (source, shown, value)
+    # No number in a table that does not cite its source.
+    for cell in re.findall(r"<td>(.*?)</td>", page):
+        assert re.sub(r'<span data-source="[^"]+">[^<]*</span>|[ ±]', "", cell) == "", cell
+    assert "too small to judge answers" in page  # the tiny judge's votes are not shown as a verdict
+
+
+def test_a_finished_comparison_keeps_its_arms(finished):
+    out, _ = finished
+    before = (out / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
+    done = subprocess.run([sys.executable, "-m", "rlsr_ray.compare", "tiny", "--ray.address=local",
+                           f"--run.output_dir={out}", "--eval.max_new_tokens=4"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "already trained" in done.stderr and (out / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == before
+    assert "No judge configured" in (out / "report.html").read_text()
