@@ -79,10 +79,33 @@ def compare(cfg: Config) -> dict[str, Any]:
             import ray
 
             ray.shutdown()
-    page = report.build(out)
-    result = {"report": str(page), "checkpoints": finals, "arm_s": timings, "total_s": time.perf_counter() - t0}
+    result: dict[str, Any] = {"checkpoints": finals, "arm_s": timings, "machine": machine(),
+                              "total_s": time.perf_counter() - t0}
+    (out / "compare_summary.json").write_text(json.dumps(result, indent=1))
+    result["report"] = str(report.build(out))
     (out / "compare_summary.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def machine() -> str:
+    """The CPU class every timing depends on (and the GPU, where there is one)."""
+    import os
+    import platform
+
+    import torch
+
+    from rlsr_ray.policy import cpu_has_fast_bf16
+
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cpu = (f"{os.cpu_count()} CPUs ({name}), torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+           f"{'fast' if cpu_has_fast_bf16() else 'no fast'} bf16 (AMX / AVX512-BF16)")
+    if torch.cuda.is_available():
+        cpu += f", GPU {torch.cuda.get_device_name(0)}"
+    return cpu
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,14 +18,14 @@ from typing import Any
 
 ARMS = {"base": "base", "sft": "SFT", "rlsr": "RLSR", "sft_rlsr": "SFT → RLSR"}
 TRAINED = ("sft", "rlsr", "sft_rlsr")
-# Eval metrics: label, how to show a value, whether higher is better.
+# Eval metrics: label, short label (the delta table's header), how to show a value.
 METRICS = {
-    "similarity": ("similarity to reference (reward's embedding)", "{:.4f}"),
-    "rouge_l": ("ROUGE-L vs reference", "{:.4f}"),
-    "chrf": ("chrF vs reference", "{:.4f}"),
-    "copy_penalized": ("copy-penalty rate", "{:.3f}"),
-    "tokens": ("answer length (tokens)", "{:.1f}"),
-    "cut": ("cut at the token limit", "{:.3f}"),
+    "similarity": ("similarity to reference (reward's embedding)", "similarity", "{:.4f}"),
+    "rouge_l": ("ROUGE-L vs reference", "ROUGE-L", "{:.4f}"),
+    "chrf": ("chrF vs reference", "chrF", "{:.4f}"),
+    "copy_penalized": ("copy-penalty rate", "copy rate", "{:.3f}"),
+    "tokens": ("answer length (tokens)", "tokens", "{:.1f}"),
+    "cut": ("cut at the token limit", "cut rate", "{:.3f}"),
 }
 # Per-step curves: metrics.jsonl key -> title.
 CURVES = {"reward_mean": "reward (mean over samples)", "kl": "KL to the reference policy",
@@ -99,17 +99,18 @@ def build(root: Path) -> Path:
              f"{summary['max_new_tokens']} new tokens at temperature {summary['temperature']}.</p>"]
     parts.append("<h2>Evaluation</h2><table><tr><th>metric</th>"
                  + "".join(f"<th>{html.escape(ARMS[a])}</th>" for a in arms) + "</tr>")
-    for m, (label, pattern) in METRICS.items():
+    for m, (label, _, pattern) in METRICS.items():
         parts.append(f"<tr><th>{html.escape(label)}</th>"
                      + "".join(_cell(summary["checkpoints"][a][m], pattern, f"{src}:checkpoints.{a}.{m}") for a in arms)
                      + "</tr>")
     parts.append("</table>")
     parts.append("<h2>Paired deltas (X − Y, mean ± standard error over prompts)</h2>"
-                 "<table><tr><th>X vs Y</th>" + "".join(f"<th>{html.escape(METRICS[m][0])}</th>" for m in METRICS)
+                 "<table><tr><th>X vs Y</th>" + "".join(f"<th>{html.escape(METRICS[m][1])}</th>" for m in METRICS)
                  + "</tr>")
     for key, d in summary["deltas"].items():
-        row = [f"<tr><th>{html.escape(ARMS.get(d['x'], d['x']))} vs {html.escape(ARMS.get(d['y'], d['y']))}</th>"]
-        for m, (_, pattern) in METRICS.items():
+        row = [f"<tr><th style='white-space:nowrap'>{html.escape(ARMS.get(d['x'], d['x']))} vs "
+               f"{html.escape(ARMS.get(d['y'], d['y']))}</th>"]
+        for m, (_, _, pattern) in METRICS.items():
             s = f"{src}:deltas.{key}.{m}"
             row.append(f'<td><span data-source="{s}.delta_mean">{_fmt(d[m]["delta_mean"], pattern)}</span> ± '
                        f'<span data-source="{s}.delta_se">{_fmt(d[m]["delta_se"], pattern)}</span></td>')
@@ -118,7 +119,8 @@ def build(root: Path) -> Path:
     parts.append("<h2>Win rate (pairwise judge)</h2>")
     j = summary["judge"]
     if not j.get("configured"):
-        parts.append(f"<p><b>No judge configured</b> (eval.judge): no win rates. {html.escape(j.get('note', ''))}</p>")
+        parts.append("<p><b>No judge configured</b> (eval.judge): no win rates; the metrics above compare each "
+                     "answer with its reference.</p>")
     else:
         parts.append(f"<p>Judge: {html.escape(j['judge'])}; prompt {html.escape(j['prompt'])}; both orders asked, "
                      "ties count half.</p>")
@@ -136,12 +138,21 @@ def build(root: Path) -> Path:
                          + "</tr>")
         parts.append("</table>")
     parts.append("<h2>Training</h2>")
+    run_file = root / "compare_summary.json"
+    if run_file.exists():
+        run_info = json.loads(run_file.read_text())
+        parts.append(f"<p>Machine: {html.escape(run_info.get('machine', 'not recorded'))}.</p>"
+                     "<table><tr><th>stage</th><th>wall seconds (this invocation)</th></tr>")
+        for stage, secs in run_info.get("arm_s", {}).items():
+            parts.append(f"<tr><th>{html.escape(ARMS.get(stage, stage))}</th>"
+                         + _cell(secs, "{:.0f}", f"compare_summary.json:arm_s.{stage}") + "</tr>")
+        parts.append("</table>")
     for rel, caption in figures:
         data = base64.b64encode((root / rel).read_bytes()).decode()
         parts.append(f'<figure data-file="{rel}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{text-align:left}figure{margin:1em 0}")
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td{white-space:nowrap}th{text-align:left}figure{margin:1em 0}")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>RLSR comparison</title><style>{style}</style>"
             f"</head><body>{''.join(parts)}</body></html>")
     out = root / "report.html"

@@ -148,12 +148,17 @@ def storage_root(cfg: Config, out: Path) -> str:
     return cfg.sft.storage_path or str(out / "ray_train")
 
 
+def _fresh_name() -> str:
+    now = time.time()  # milliseconds too: two runs started in one second must not share a name
+    return time.strftime("sft-%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now * 1000) % 1000:03d}"
+
+
 def train_run_name(cfg: Config, storage: str) -> str:
     """The Ray Train run to write: a fresh name, or with run.resume the run to go on from
     ("auto": the newest one under the storage path that reported a checkpoint)."""
     resume = cfg.run.resume
     if resume in (None, "never"):
-        return time.strftime("sft-%Y%m%d-%H%M%S")
+        return _fresh_name()
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(),
@@ -167,11 +172,11 @@ def train_run_name(cfg: Config, storage: str) -> str:
     for name in reversed(names):  # Ray Train's record of the checkpoints a run reported
         if fs.get_file_info(f"{root}/{name}/checkpoint_manager_snapshot.json").type == pafs.FileType.File:
             return name
-    return time.strftime("sft-%Y%m%d-%H%M%S")
+    return _fresh_name()
 
 
 class SftError(RuntimeError):
-    """Training failed on the workers; the message is the first line of the cause."""
+    """Training failed on the workers; the message ends with the last line of the cause."""
 
 
 def run(cfg: Config) -> dict[str, Any]:
