@@ -91,3 +91,19 @@ def test_bad_judge_settings_fail_in_one_line_before_generation(tiny_policy, tmp_
 def test_a_missing_checkpoint_fails_in_one_line(tmp_path, capsys):
     assert E.main([str(tmp_path / "nope"), *IN_DRIVER, f"--eval.output_dir={tmp_path / 'eval'}"]) == 2
     assert "nope: no such folder" in capsys.readouterr().err
+
+
+def test_means_and_paired_deltas_on_hand_made_answers():
+    def row(sim, rl, cf, pen, tok, cut):
+        return {"similarity": sim, "rouge_l": rl, "chrf": cf, "copy_penalized": pen, "tokens": tok, "cut": cut}
+
+    base = [row(0.5, 0.2, 0.3, False, 10, True), row(0.7, 0.4, 0.5, True, 20, False)]
+    other = [row(0.6, 0.2, 0.4, False, 4, False), row(0.9, 0.6, 0.5, False, 30, False)]
+    assert E.means(base) == pytest.approx({"similarity": 0.6, "rouge_l": 0.3, "chrf": 0.4, "copy_penalized": 0.5,
+                                           "tokens": 15.0, "cut": 0.5})
+    d = E.deltas(base, other)
+    # Per-prompt differences: similarity (0.1, 0.2), tokens (-6, +10), copy flag (0, -1), cut (-1, 0).
+    assert d["similarity"]["delta_mean"] == pytest.approx(0.15)
+    assert d["similarity"]["delta_se"] == pytest.approx(np.std([0.1, 0.2], ddof=1) / np.sqrt(2))
+    assert d["tokens"]["delta_mean"] == pytest.approx(2.0) and d["tokens"]["delta_se"] == pytest.approx(8.0)
+    assert d["copy_penalized"]["delta_mean"] == -0.5 and d["cut"]["delta_mean"] == -0.5

@@ -62,3 +62,26 @@ def test_sft_on_two_workers_resumes_exactly_and_writes_a_transformers_folder(tmp
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["loss"] for r in rows] == [json.loads(x)["loss"] for x in (whole / "metrics.jsonl").read_text().splitlines()]
     assert len(list((parts / "ray_train").iterdir())) == 1  # one Ray Train run, gone on from
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_resume_auto_picks_the_newest_run_that_reported_a_checkpoint(tmp_path, uri):
+    """run.resume=auto lists the storage path through pyarrow (a local path or a URI) and skips
+    runs that never reported a checkpoint; a fresh run gets a name of its own."""
+    from rlsr_ray.config import ConfigError, load_config
+    from rlsr_ray.sft import train_run_name
+
+    for name, reported in [("sft-20261101-000000-000", True), ("sft-20261102-000000-000", True),
+                           ("sft-20261103-000000-000", False)]:
+        (tmp_path / name).mkdir()
+        if reported:
+            (tmp_path / name / "checkpoint_manager_snapshot.json").write_text("{}")
+    storage = f"file://{tmp_path}" if uri else str(tmp_path)
+    cfg = load_config("tiny", ["--run.resume=auto"])
+    assert train_run_name(cfg, storage) == "sft-20261102-000000-000"
+    fresh = train_run_name(load_config("tiny", []), storage)
+    assert fresh.startswith("sft-") and not (tmp_path / fresh).exists()
+    assert train_run_name(load_config("tiny", ["--run.resume=sft-20261101-000000-000"]), storage) == \
+        "sft-20261101-000000-000"
+    with pytest.raises(ConfigError, match="no SFT run named 'nope'"):
+        train_run_name(load_config("tiny", ["--run.resume=nope"]), storage)
