@@ -57,13 +57,15 @@ def compare(cfg: Config) -> dict[str, Any]:
     load_prompts(cfg)  # bad data, or a judge that cannot answer, fails before hours of training
     make_judge(cfg)
     timings: dict[str, float] = {}
-    started = run.connect_ray(cfg)  # one Ray for every arm
+    started = None  # one Ray for every arm, started when an arm is trained (eval connects itself)
     try:
         for name, arm_cfg in arms.items():
             done = out / name / ("sft_summary.json" if name == "sft" else "summary.json")
             if done.exists():
                 log.info("compare: %s already trained (%s), kept", name, done)
                 continue
+            if started is None:
+                started = run.connect_ray(cfg)
             t = time.perf_counter()
             log.info("compare: training %s", name)
             (sft.run if name == "sft" else run.run)(arm_cfg)

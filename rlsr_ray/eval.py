@@ -142,6 +142,7 @@ def generate_all(cfg: Config, checkpoints: list[tuple[str, str]], prompts: Promp
             t0 = time.perf_counter()
             rollout = rollout_pool(cfg, path)
             try:
+                # Answers need only the rollout and reward roles: no reference log-probs, no learners.
                 rows = answers(Pools(rollout, reward, None, None), prompts_table(cfg, prompts, path), spec)
             finally:
                 rollout.shutdown()

@@ -79,6 +79,7 @@ def worker_shares(rows: pa.Table, indices: list[int], world: int, micro_batch_si
 def _worker(job: dict[str, Any]) -> None:
     """One Ray Train worker: a LearnerActor on Ray Train's process group, SFT steps from the newest
     checkpoint Ray Train holds for this run (none: from the start) to job["steps"]."""
+    import ray
     import ray.train
     from ray.train import Checkpoint
 
@@ -98,7 +99,7 @@ def _worker(job: dict[str, Any]) -> None:
             state = lrn.load_checkpoint(folder)
         start, cursor_state = int(state["step"]), state["cursor"]
         print(f"sft worker {rank}: resumed from step {start} ({resumed.path})", flush=True)
-    rows: pa.Table = job["rows"]
+    rows: pa.Table = ray.get(job["rows"])  # through the object store, not pickled into every worker's config
     cursor = data.PromptCursor(data.Tokenized(rows.column("prompt_ids").to_pylist(), [], 0, 0), job["seed"],
                                **cursor_state)
     out = Path(job["output_dir"])
@@ -196,10 +197,12 @@ def run(cfg: Config) -> dict[str, Any]:
     steps = s.steps or math.ceil(len(rows) / s.batch_examples)
     out.mkdir(parents=True, exist_ok=True)
     started = connect_ray(cfg)
+    import ray
+
     p = cfg.pools.learner
     settings = learner_settings(cfg, lr=s.lr, micro_steps=1)
     job = {"policy": policy, "settings": settings, "device": _device(p), "threads": p.torch_threads,
-           "cache_dir": cfg.model.cache_dir, "rows": rows, "seed": cfg.run.seed, "steps": steps,
+           "cache_dir": cfg.model.cache_dir, "rows": ray.put(rows), "seed": cfg.run.seed, "steps": steps,
            "batch": min(s.batch_examples, len(rows)), "save_every": s.save_every, "output_dir": str(out),
            "final": str(out / "final")}
     workers = max(1, p.num_actors)
@@ -219,8 +222,6 @@ def run(cfg: Config) -> dict[str, Any]:
         raise SftError(f"SFT run {name} failed: {cause[-1] if cause else type(e).__name__}") from None
     finally:
         if started:
-            import ray
-
             ray.shutdown()
     summary = {"final": job["final"], "examples": len(rows), "steps": steps, "workers": workers,
                "ray_train_run": name, "storage_path": storage,

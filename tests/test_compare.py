@@ -72,8 +72,10 @@ def test_every_figure_and_number_in_the_report_comes_from_the_files(finished):
 def test_a_finished_comparison_keeps_its_arms(finished):
     out, _ = finished
     before = (out / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
+    # Nothing left to train, and the eval's pools in this process: no Ray is started at all.
     done = subprocess.run([sys.executable, "-m", "rlsr_ray.compare", "tiny", "--ray.address=local",
-                           f"--run.output_dir={out}", "--eval.max_new_tokens=4"],
+                           f"--run.output_dir={out}", "--eval.max_new_tokens=4", "--pools.rollout.num_actors=0",
+                           "--pools.reward.num_actors=0"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "already trained" in done.stderr and (out / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == before
