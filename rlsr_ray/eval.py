@@ -214,7 +214,7 @@ def evaluate(cfg: Config, checkpoints: list[tuple[str, str]], pairs: list[tuple[
              ) -> dict[str, Any]:
     """Evaluate the checkpoints and compare each pair (X, Y): X - Y per metric and X's win rate
     over Y. Default pairs: every checkpoint against the first."""
-    from rlsr_ray.models import resolve_policy
+    from rlsr_ray.models import ModelError, resolve_policy
     from rlsr_ray.run import connect_ray
 
     t0 = time.perf_counter()
@@ -222,8 +222,11 @@ def evaluate(cfg: Config, checkpoints: list[tuple[str, str]], pairs: list[tuple[
     pairs = pairs if pairs is not None else [(n, names[0]) for n in names[1:]]
     out = Path(cfg.eval.output_dir).expanduser()
     prompts = load_prompts(cfg)
-    for _, path in checkpoints:  # a wrong path fails before anything starts
-        resolve_policy(path, cfg.model.cache_dir)
+    for name, path in checkpoints:  # a wrong path fails before anything starts
+        try:
+            resolve_policy(path, cfg.model.cache_dir)
+        except ModelError as e:
+            raise ModelError(f"checkpoint {name}: {str(e).removeprefix('model.policy: ')}") from None
     jd = make_judge(cfg)
     remote = cfg.reward_service.enabled or cfg.pools.rollout.num_actors > 0 or cfg.pools.reward.num_actors > 0
     started = connect_ray(cfg) if remote else False

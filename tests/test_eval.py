@@ -90,7 +90,7 @@ def test_bad_judge_settings_fail_in_one_line_before_generation(tiny_policy, tmp_
 
 def test_a_missing_checkpoint_fails_in_one_line(tmp_path, capsys):
     assert E.main([str(tmp_path / "nope"), *IN_DRIVER, f"--eval.output_dir={tmp_path / 'eval'}"]) == 2
-    assert "nope: no such folder" in capsys.readouterr().err
+    assert f"checkpoint nope: {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
 
 
 def test_means_and_paired_deltas_on_hand_made_answers():

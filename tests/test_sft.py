@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pytest
@@ -23,22 +27,55 @@ def test_a_global_batch_is_length_sorted_and_split_over_workers():
     assert passes == 2  # 3 rows in micro-batches of 2
 
 
+SFT_ARGS = ["tiny", "--ray.address=local", "--sft.batch_examples=16", "--sft.lr=1e-3", "--sft.save_every=1",
+            "--train.micro_batch_size=1", "--pools.learner.num_actors=2", "--train.zero_stage=2"]
+
+
 def _sft(out, *args):
-    done = subprocess.run([sys.executable, "-m", "rlsr_ray.sft", "tiny", "--ray.address=local",
-                           f"--run.output_dir={out}", "--sft.batch_examples=8", "--sft.lr=1e-3", "--sft.save_every=2",
-                           "--pools.learner.num_actors=2", "--train.zero_stage=2", *args],
+    done = subprocess.run([sys.executable, "-m", "rlsr_ray.sft", *SFT_ARGS, f"--run.output_dir={out}", *args],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
+def _steps(out) -> list[dict]:
+    try:
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    except FileNotFoundError:
+        return []
+
+
+def _sft_with_a_worker_killed(out, log, *args) -> str:
+    """SIGKILL one Ray Train worker once Ray Train's controller has recorded a checkpoint (its
+    snapshot file: a report it has not collected yet is lost with the group); Ray Train
+    (sft.max_failures) restarts the group from the newest recorded checkpoint and the run finishes."""
+    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.sft", *SFT_ARGS, f"--run.output_dir={out}", *args],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("ray_train/*/checkpoint_manager_snapshot.json")) and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before a worker could be killed: " + log.read_text()[-3000:]
+        found = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "ray::RayTrainWorker"], capture_output=True, text=True)
+        victims = [int(x) for x in found.stdout.split()]
+        assert victims, log.read_text()[-3000:]
+        os.kill(victims[-1], signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return log.read_text()
+
+
 @pytest.mark.slow
-def test_sft_on_two_workers_resumes_exactly_and_writes_a_transformers_folder(tmp_path):
-    """Two Ray Train workers (ZeRO-2) fine-tune the tiny policy three steps in one go, and two
-    then one more with run.resume=auto (Ray Train's get_checkpoint on the same run name): the
-    ZeRO-2 shards, RNG and data cursor come back, so the weights are bitwise equal and
-    metrics.jsonl holds each step once. Plain transformers loads the result, and its weights
-    moved. (RLSR from an SFT policy: tests/test_compare.py.)"""
+def test_sft_on_two_workers_survives_a_killed_worker_resumes_exactly_and_writes_a_transformers_folder(tmp_path):
+    """Two Ray Train workers (ZeRO-2), ten steps in one go; and eight steps with one worker
+    SIGKILLed once a checkpoint is recorded (Ray Train restarts the group from it), then
+    `run.resume=auto` on to ten (get_checkpoint on the same run name in a new invocation). The
+    ZeRO-2 shards, RNG and data cursor come back both times, so the weights are bitwise equal and
+    metrics.jsonl holds each step once with the same losses. Plain transformers loads the result,
+    and its weights moved. (RLSR from an SFT policy: tests/test_compare.py.)"""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -46,21 +83,22 @@ def test_sft_on_two_workers_resumes_exactly_and_writes_a_transformers_folder(tmp
     from rlsr_ray.models import resolve_policy
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    _sft(whole, "--sft.steps=3")
+    _sft(whole, "--sft.steps=10")
     tuned = AutoModelForCausalLM.from_pretrained(whole / "final", dtype=torch.float32).state_dict()
     base = AutoModelForCausalLM.from_pretrained(resolve_policy("tiny-random", "~/.cache/rlsr_ray"),
                                                 dtype=torch.float32).state_dict()
     moved = max(float((tuned[k] - base[k]).abs().max()) for k in base)
     assert moved > 1e-4, moved
 
-    _sft(parts, "--sft.steps=2")
-    done = _sft(parts, "--sft.steps=3", "--run.resume=auto")
-    assert "resumed from step 2" in done.stdout + done.stderr
+    log = _sft_with_a_worker_killed(parts, tmp_path / "killed.log", "--sft.steps=8")
+    assert re.search(r"resumed from step [1-7]\b", log), log[-3000:]
+    assert [r["step"] for r in _steps(parts)] == list(range(1, 9))
+    done = _sft(parts, "--sft.steps=10", "--run.resume=auto")
+    assert "resumed from step 8" in done.stdout + done.stderr
     a, b = load_file(whole / "final" / "model.safetensors"), load_file(parts / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
-    rows = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["loss"] for r in rows] == [json.loads(x)["loss"] for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in _steps(parts)] == list(range(1, 11))
+    assert [r["loss"] for r in _steps(parts)] == [r["loss"] for r in _steps(whole)]
     assert len(list((parts / "ray_train").iterdir())) == 1  # one Ray Train run, gone on from
 
 
