@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlsr_ray.config import Config, ConfigError, load_config, preset_names, with_values
+from rlsr_ray.config import Config, ConfigError, load_config, with_values
 
 log = logging.getLogger("rlsr_ray")
 
@@ -81,11 +81,11 @@ def compare(cfg: Config) -> dict[str, Any]:
             import ray
 
             ray.shutdown()
-    result: dict[str, Any] = {"checkpoints": finals, "arm_s": timings, "machine": machine(),
-                              "total_s": time.perf_counter() - t0}
+    # Written before the report, which shows its timings and machine line.
+    result: dict[str, Any] = {"report": str(out / "report.html"), "checkpoints": finals, "arm_s": timings,
+                              "machine": machine(), "total_s": time.perf_counter() - t0}
     (out / "compare_summary.json").write_text(json.dumps(result, indent=1))
-    result["report"] = str(report.build(out))
-    (out / "compare_summary.json").write_text(json.dumps(result, indent=1))
+    report.build(out)
     return result
 
 
@@ -111,29 +111,16 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE.format(presets=", ".join(preset_names())))
-        return 0
-    preset = argv.pop(0) if argv and not argv[0].startswith("--") else "default"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from actors.pool import PoolTimeout
     from rlsr_ray.checkpoint import CheckpointError
+    from rlsr_ray.cli import command, split_preset
     from rlsr_ray.data import DataError
     from rlsr_ray.judge import JudgeError
     from rlsr_ray.models import ModelError
     from rlsr_ray.sft import SftError
 
-    try:
-        result = compare(load_config(preset, argv))
-    except (ConfigError, DataError, ModelError, CheckpointError, JudgeError, SftError) as e:
-        print(f"rlsr_ray: error: {e}", file=sys.stderr)
-        return 2
-    except PoolTimeout as e:
-        print(f"rlsr_ray: error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2))
-    return 0
+    return command(argv, USAGE, lambda args: compare(load_config(*split_preset(args))),
+                   (ConfigError, DataError, ModelError, CheckpointError, JudgeError, SftError), (PoolTimeout,))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rlsr_ray.config import Config, ConfigError, load_config, preset_names
+from rlsr_ray.config import Config, ConfigError, load_config
 
 log = logging.getLogger("rlsr_ray")
 
@@ -266,23 +266,16 @@ def split_args(argv: list[str]) -> tuple[list[str], str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE.format(presets=", ".join(preset_names())))
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from rlsr_ray.cli import command
     from rlsr_ray.data import DataError
     from rlsr_ray.judge import JudgeError
     from rlsr_ray.models import ModelError
 
-    ckpts, preset, overrides = split_args(argv)
-    try:
-        summary = evaluate(load_config(preset, overrides), parse_checkpoints(ckpts))
-    except (ConfigError, DataError, ModelError, JudgeError) as e:
-        print(f"rlsr_ray: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    def work(args: list[str]) -> dict[str, Any]:
+        ckpts, preset, overrides = split_args(args)
+        return evaluate(load_config(preset, overrides), parse_checkpoints(ckpts))
+
+    return command(argv, USAGE, work, (ConfigError, DataError, ModelError, JudgeError))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Protocol
@@ -130,25 +131,34 @@ class LocalJudge:
     TOO_SMALL = 1_000_000_000  # parameters; below this, votes test the plumbing, not quality
 
     def __init__(self, path: str, device: str = "cpu", batch_size: int = 4):
-        import torch
-
-        from rlsr_ray.policy import load_causal_lm, load_tokenizer
+        from rlsr_ray.policy import load_tokenizer
 
         self.name, self.device, self.batch_size = path, device, batch_size
         self.tok = load_tokenizer(path)
-        self.model = load_causal_lm(path, device)
-        self.model.eval()
-        self.parameters = sum(p.numel() for p in self.model.parameters())
-        self._torch = torch
         first = [self.tok(c, add_special_tokens=False)["input_ids"][0] for c in CHOICES]
         if len(set(first)) != len(CHOICES):
             raise JudgeError(f"eval.judge: {path}'s tokenizer starts 'A', 'B' and 'tie' with the same token")
         self.choice_ids = first
 
+    @cached_property
+    def model(self):
+        """Loaded at the first verdict: a judge checked before training or generation holds no
+        weights while those run."""
+        from rlsr_ray.policy import load_causal_lm
+
+        model = load_causal_lm(self.name, self.device)
+        model.eval()
+        return model
+
+    @cached_property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
     def verdicts(self, prompts: list[str]) -> list[str | None]:
+        import torch
+
         from rlsr_ray.data import chat_prompt_ids
 
-        torch = self._torch
         out: list[str | None] = []
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         for i in range(0, len(prompts), self.batch_size):

@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rlsr_ray.metrics import read_metrics
+
 ARMS = {"base": "base", "sft": "SFT", "rlsr": "RLSR", "sft_rlsr": "SFT → RLSR"}
 TRAINED = ("sft", "rlsr", "sft_rlsr")
 # Eval metrics: label, short label (the delta table's header), how to show a value.
@@ -30,10 +32,6 @@ METRICS = {
 # Per-step curves: metrics.jsonl key -> title.
 CURVES = {"reward_mean": "reward (mean over samples)", "kl": "KL to the reference policy",
           "response_length_mean": "response length (tokens)"}
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 def _fmt(value: Any, pattern: str) -> str:
@@ -88,7 +86,8 @@ def plot_figures(root: Path, curves: dict[str, list[dict[str, Any]]]) -> list[tu
 def build(root: Path) -> Path:
     """Write root/report.html from the arms' files; returns its path."""
     root = Path(root)
-    curves = {arm: read_jsonl(root / arm / "metrics.jsonl") for arm in TRAINED}
+    curves = {arm: read_metrics(root / arm / "metrics.jsonl") if (root / arm / "metrics.jsonl").exists() else []
+              for arm in TRAINED}
     summary = json.loads((root / "eval" / "eval_summary.json").read_text())
     figures = plot_figures(root, curves)
     src = "eval/eval_summary.json"

@@ -293,9 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE.format(presets=", ".join(preset_names())))
         return 0
-    preset = "default"
-    if argv and not argv[0].startswith("--"):
-        preset = argv.pop(0)
+    from rlsr_ray.cli import split_preset
+
+    preset, argv = split_preset(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load_config(preset, argv)

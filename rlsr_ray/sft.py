@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rlsr_ray.config import Config, ConfigError, load_config, preset_names
+from rlsr_ray.config import Config, ConfigError, load_config
 
 log = logging.getLogger("rlsr_ray")
 
@@ -232,22 +232,12 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE.format(presets=", ".join(preset_names())))
-        return 0
-    preset = argv.pop(0) if argv and not argv[0].startswith("--") else "default"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from rlsr_ray.cli import command, split_preset
     from rlsr_ray.data import DataError
     from rlsr_ray.models import ModelError
 
-    try:
-        summary = run(load_config(preset, argv))
-    except (ConfigError, DataError, ModelError, SftError) as e:
-        print(f"rlsr_ray: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return command(argv, USAGE, lambda args: run(load_config(*split_preset(args))),
+                   (ConfigError, DataError, ModelError, SftError))
 
 
 if __name__ == "__main__":

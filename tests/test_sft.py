@@ -1,7 +1,6 @@
 """Supervised fine-tuning on Ray Train: batches cut for workers, and SFT -> RLSR on its output."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -39,10 +38,9 @@ def _sft(out, *args):
 
 
 def _steps(out) -> list[dict]:
-    try:
-        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    except FileNotFoundError:
-        return []
+    from rlsr_ray.metrics import read_metrics
+
+    return read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
 
 
 def _sft_with_a_worker_killed(out, log, *args) -> str:
