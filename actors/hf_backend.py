@@ -61,7 +61,9 @@ class TransformersBackend:
                 f"weights do not fit the rollout model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Sample]]:
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec,
+                 keys: Sequence[int] | None = None) -> list[list[Sample]]:
+        """`keys` unused: one seeded stream per call (RolloutBackend.generate)."""
         flat = [p for p in prompts for _ in range(spec.n)]
         gen = torch.Generator().manual_seed(spec.seed)
         samples: list[Sample] = []

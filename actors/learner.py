@@ -52,6 +52,15 @@ class LearnerSettings:
     optimizer: Literal["adamw", "sgd"] = "adamw"
 
 
+def cuda_index(device: str) -> int:
+    """The CUDA device this learner drives, which DeepSpeed takes from LOCAL_RANK. A pool actor
+    sees only its own GPU ("cuda" = index 0); Ray Train's workers on one node share
+    CUDA_VISIBLE_DEVICES, and each is told its own device by ray.train.torch.get_device()
+    ("cuda:3"), so SFT passes that."""
+    d = torch.device(device)
+    return (d.index or 0) if d.type == "cuda" else 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -97,14 +106,15 @@ class LearnerActor:
 
         # The CPU shared-memory comm op is JIT-built on first use (~1 min): keep it across runs.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(self.cache_dir / "torch_extensions"))
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        index = cuda_index(self.device)
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(index))
         init_method = init_method or ""
         if init_method.startswith("tcp://"):  # DeepSpeed's comm helpers also read these
             host, _, port = init_method[len("tcp://"):].rpartition(":")
             os.environ.update(MASTER_ADDR=host.strip("[]"), MASTER_PORT=port)
         cuda = self.device.startswith("cuda")
         if cuda:
-            torch.cuda.set_device(0)
+            torch.cuda.set_device(index)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                    init_method=init_method or None, rank=self.rank, world_size=self.world_size)
         s = self.s

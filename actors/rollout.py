@@ -5,7 +5,7 @@ import os
 
 import pyarrow as pa
 
-from actors.sampling import RolloutBackend, SamplingSpec
+from actors.sampling import RolloutBackend, SamplingSpec, mixed_seed
 from rlsr_ray import batch
 from rlsr_ray.selection import rollout_summary
 from rlsr_ray.policy import load_tokenizer, resolve_compute_dtype, set_threads
@@ -14,7 +14,7 @@ from rlsr_ray.policy import load_tokenizer, resolve_compute_dtype, set_threads
 class RolloutActor:
     def __init__(self, policy_path: str, backend: str = "transformers", compute_dtype: str = "float32",
                  device: str = "cpu", torch_threads: int = 1, generate_batch_size: int = 16,
-                 vllm_gpu_memory_utilization: float = 0.85, rank: int = 0):
+                 vllm_gpu_memory_utilization: float = 0.85, rank: int = 0, seed: int = 0):
         set_threads(torch_threads)
         self.rank = rank
         compute_dtype = resolve_compute_dtype(compute_dtype, device)
@@ -24,8 +24,11 @@ class RolloutActor:
         if backend == "vllm":
             from actors.vllm_backend import VLLMBackend
 
+            # An engine seed of its own per actor: with one shared seed every engine would draw the
+            # same numbers for its i-th unseeded request (vLLM's default seed is 0 on every engine).
             self.backend = VLLMBackend(policy_path, {self.tok.eos_token_id}, compute_dtype,
-                                       vllm_gpu_memory_utilization, vocab_size=len(self.tok))
+                                       vllm_gpu_memory_utilization, vocab_size=len(self.tok),
+                                       seed=mixed_seed(seed, rank))
         else:
             from actors.hf_backend import TransformersBackend
 
@@ -36,9 +39,10 @@ class RolloutActor:
     def generate(self, prompts: pa.Table, spec: SamplingSpec) -> pa.Table:
         prompts = batch.check(prompts, batch.PROMPTS, f"rollout[{self.rank}] input")
         prompt_ids = prompts.column("prompt_ids").to_pylist()
-        groups = self.backend.generate(prompt_ids, spec)
+        group_ids = prompts.column("group_id").to_pylist()
+        groups = self.backend.generate(prompt_ids, spec, keys=group_ids)
         cols: dict[str, list] = {f.name: [] for f in batch.ROLLOUTS}
-        for gid, pids, ref, samples in zip(prompts.column("group_id").to_pylist(), prompt_ids,
+        for gid, pids, ref, samples in zip(group_ids, prompt_ids,
                                            prompts.column("reference_text").to_pylist(), groups):
             for k, s in enumerate(samples):
                 cols["group_id"].append(gid)
@@ -79,7 +83,11 @@ class RolloutActor:
         is reported rather than raised: the driver then falls back to the object store."""
         try:
             self.backend.receive_weights()
-        except RuntimeError as e:
+        # Any exception: torch raises RuntimeError (or DistBackendError, a RuntimeError) in this
+        # process, but vLLM's multiprocess client re-raises a worker's failure as a bare
+        # Exception(message) (vllm/v1/engine/core_client.py). If the engine itself is gone, the
+        # object-store fallback fails next and says so.
+        except Exception as e:  # noqa: BLE001
             self.backend.close_route()
             return {"ok": False, "error": f"rollout[{self.rank}]: {str(e).strip().splitlines()[0]}"}
         self.policy_version = version

@@ -22,8 +22,12 @@ class Sample:
 
 
 class RolloutBackend(Protocol):
-    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Sample]]:
-        """One list of `spec.n` samples per prompt, in prompt order."""
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec,
+                 keys: Sequence[int] | None = None) -> list[list[Sample]]:
+        """One list of `spec.n` samples per prompt, in prompt order. `keys` (one int per prompt,
+        the group ids) let a backend seed each prompt on its own, so a prompt's samples do not
+        depend on which actor drew it or what else was in its batch (vLLM does; the transformers
+        backend seeds each call, its batches sharing one random stream)."""
 
     def load_weights(self, state_dict: dict) -> None:
         """The whole state dict, through Ray's object store (first sync, fallback)."""
@@ -36,7 +40,7 @@ class RolloutBackend(Protocol):
     def in_route(self) -> bool: ...
 
     def receive_weights(self) -> None:
-        """Receive one broadcast of every spec and load it; raises RuntimeError if the route tore."""
+        """Receive one broadcast of every spec and load it; raises if the route tore."""
 
     def close_route(self) -> None: ...
 
@@ -47,3 +51,12 @@ def cut_at_eos(tokens: Sequence[int], logprobs: Sequence[float], eos_ids: set[in
         if t in eos_ids:
             return Sample(list(tokens[: i + 1]), list(logprobs[: i + 1]), "stop")
     return Sample(list(tokens), list(logprobs), "length")
+
+
+def mixed_seed(*parts: int) -> int:
+    """A 62-bit seed from several ints (run seed, rank, step seed, group id), well spread so that
+    nearby inputs give unrelated streams. Below 2**62: vLLM stores seeds as int64 and gives the
+    i-th of a request's n samples seed + i."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([p & (2**63 - 1) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(2))

@@ -1,9 +1,11 @@
 """Rollout backend on vLLM (CUDA only; install with the `vllm` extra).
 
-Written against vLLM's public API: `LLM`, `SamplingParams`, `TokensPrompt`, `LLM.collective_rpc`
-with a `worker_extension_cls` for in-place weight updates. vLLM has no CPU build, so the adapter
-logic (sampling arguments in, samples out) is kept in small functions that the tests exercise
-with stand-in objects shaped like vLLM's outputs; the engine itself only runs on GPU machines.
+Written against vLLM 0.33's API: `LLM`, `SamplingParams`, `TokensPrompt`, `LLM.collective_rpc`
+with a `worker_extension_cls` for in-place weight updates, and a V2 logits processor
+(actors/vllm_logits.py) for models whose output layer is padded. vLLM has no CPU build, so the
+engine itself only runs on GPU machines; the arguments built here are checked by the tests against
+vLLM's own Python classes (SamplingParams, EngineArgs, its msgpack RPC encoding, the worker
+extension mixing), which import on CPU.
 """
 from __future__ import annotations
 
@@ -11,15 +13,20 @@ import os
 from typing import Any, Sequence
 
 from actors.reaper import child_pids, reap_with_this_process
-from actors.sampling import Sample, SamplingSpec, cut_at_eos
+from actors.sampling import Sample, SamplingSpec, cut_at_eos, mixed_seed
 from rlsr_ray.weight_sync import TensorSpec
 
+# Names repeated from actors/vllm_logits.py, which imports vLLM and so loads only where it runs.
+VOCAB_MASK = "actors.vllm_logits:TokenizerVocabMask"
+VOCAB_MASK_ARG = "rlsr_token_limit"
 
-def engine_kwargs(policy_path: str, compute_dtype: str, gpu_memory_utilization: float, seed: int) -> dict[str, Any]:
-    """`vllm.LLM` arguments."""
-    return dict(
+
+def engine_kwargs(policy_path: str, compute_dtype: str, gpu_memory_utilization: float, seed: int,
+                  mask_padded_vocab: bool = False) -> dict[str, Any]:
+    """`vllm.LLM` arguments. `seed` is the engine's: it drives only requests that bring no seed
+    of their own, and rlsr_ray's always bring one (sampling_kwargs)."""
+    kwargs: dict[str, Any] = dict(
         model=policy_path, dtype=compute_dtype, gpu_memory_utilization=gpu_memory_utilization,
-        # Seeded once per engine: a per-request seed moves vLLM's sampler to its slow per-request path.
         seed=seed, enable_prefix_caching=True,
         # Log-probs after temperature scaling, matching what the learner computes (top_p < 1 also
         # renormalises them, which config.validate only allows when the learners recompute them).
@@ -30,22 +37,34 @@ def engine_kwargs(policy_path: str, compute_dtype: str, gpu_memory_utilization: 
         generation_config="vllm",
         worker_extension_cls="actors.vllm_backend.WeightLoaderExtension",
     )
+    if mask_padded_vocab:
+        kwargs["logits_processors"] = [VOCAB_MASK]
+    return kwargs
 
 
-def sampling_kwargs(spec: SamplingSpec, token_limit: int | None = None) -> dict[str, Any]:
+def sampling_kwargs(spec: SamplingSpec, token_limit: int | None = None, seed: int | None = None) -> dict[str, Any]:
     """SamplingParams arguments: n samples, the sampled token's log-prob only (logprobs=0).
 
     `token_limit`: the tokenizer's vocabulary size where the model has more logits (padded for
-    the kernels); ids from there on are no token and must never be sampled. The whitelist is
-    applied before processed log-probs are taken, as the learner drops those logits too."""
+    the kernels); ids from there on are no token and must never be sampled. The vocabulary mask
+    applies it before processed log-probs are taken, as the learner drops those logits too.
+    `seed`: this request's (vLLM gives its i-th sample seed + i). In vLLM's V2 sampler every
+    request draws from a seeded stream anyway; an explicit seed only rules out the fused
+    FlashInfer sampler, which processed log-probs rule out already."""
     kwargs: dict[str, Any] = dict(n=spec.n, max_tokens=spec.max_new_tokens, logprobs=0)
     if token_limit is not None:
-        kwargs["allowed_token_ids"] = list(range(token_limit))
+        kwargs["extra_args"] = {VOCAB_MASK_ARG: token_limit}
     if spec.temperature == 0:
         kwargs.update(temperature=0.0)
     else:
-        kwargs.update(temperature=spec.temperature, top_p=spec.top_p)
+        kwargs.update(temperature=spec.temperature, top_p=spec.top_p, seed=seed)
     return kwargs
+
+
+def prompt_seeds(spec: SamplingSpec, keys: Sequence[int]) -> list[int]:
+    """One seed per prompt from the call's seed and the prompt's key (its group id), so a prompt's
+    samples are the same whichever actor draws it and whatever else is in the batch."""
+    return [mixed_seed(spec.seed, k) for k in keys]
 
 
 def to_samples(request_output: Any, eos_ids: set[int]) -> list[Sample]:
@@ -100,6 +119,15 @@ class WeightLoaderExtension:
         self.model_runner.model.load_weights(weights=load_file(path).items())  # CPU tensors: copied into place
 
 
+def use_v2_runner(environ: dict) -> None:
+    """The vocabulary mask is a V2 logits processor: vLLM 0.33 picks its V2 model runner by
+    default on CUDA, and this keeps a later default from switching it off under the mask."""
+    if environ.get("VLLM_USE_V2_MODEL_RUNNER", "1").strip() == "0":  # vLLM reads it as bool(int(value))
+        raise ValueError("this model's output layer is padded beyond its tokenizer, which the vllm backend masks "
+                         "with a V2 logits processor; unset VLLM_USE_V2_MODEL_RUNNER=0")
+    environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+
+
 class VLLMBackend:
     def __init__(self, policy_path: str, eos_ids: set[int], compute_dtype: str, gpu_memory_utilization: float,
                  vocab_size: int, seed: int = 0):
@@ -108,18 +136,23 @@ class VLLMBackend:
 
         logits = AutoConfig.from_pretrained(policy_path).get_text_config().vocab_size
         self.token_limit = vocab_size if logits > vocab_size else None
+        if self.token_limit is not None:
+            use_v2_runner(os.environ)
         self.eos_ids, self.compute_dtype = eos_ids, compute_dtype
         self.joined = False  # whether the engine's worker holds an end of the weight route
-        self.llm = LLM(**engine_kwargs(policy_path, compute_dtype, gpu_memory_utilization, seed))
+        self.llm = LLM(**engine_kwargs(policy_path, compute_dtype, gpu_memory_utilization, seed,
+                                       mask_padded_vocab=self.token_limit is not None))
         # The engine runs in child processes: they must die with this actor, or a restarted actor
         # finds the GPU still full (actors/reaper.py).
         self.reaper = reap_with_this_process(child_pids())
 
-    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Sample]]:
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec,
+                 keys: Sequence[int] | None = None) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(**sampling_kwargs(spec, self.token_limit))
+        seeds = prompt_seeds(spec, range(len(prompts)) if keys is None else keys)
+        params = [SamplingParams(**sampling_kwargs(spec, self.token_limit, seed)) for seed in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [to_samples(o, self.eos_ids) for o in outs]
 

@@ -7,6 +7,7 @@ Derived values (world sizes, micro-batch counts) live in plan.py, never written 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,7 +160,7 @@ class SftConfig:
     steps: int = 0  # optimizer steps; 0: one pass over the training split
     batch_examples: int = 32  # examples per optimizer step, over all workers
     lr: float = 1e-5
-    max_answer_tokens: int = 256  # longer reference answers are cut (EOS kept)
+    max_answer_tokens: int = 256  # longer reference answers are cut, and then end without EOS
     save_every: int = 0  # steps between resumable checkpoints; 0: only after the last step
     # Where Ray Train keeps runs and checkpoints: an absolute path or a URI (s3://, gs://, NFS
     # mount); None: <run.output_dir>/ray_train. run.resume=auto goes on from the newest run there.
@@ -415,6 +416,11 @@ def validate(cfg: Config) -> None:
         need(p.torch_threads >= 1, f"pools.{role}.torch_threads", "must be >= 1", p.torch_threads)
     if r.backend == "vllm":
         need(cfg.pools.rollout.num_gpus > 0, "pools.rollout.num_gpus", "the vllm backend needs GPUs", 0)
+        # vLLM's own limits, refused here rather than by the engine at the first generate.
+        need(sys.version_info >= (3, 11), "rollout.backend", "vLLM 0.33 needs Python >= 3.11, this is "
+             f"{sys.version_info.major}.{sys.version_info.minor}", r.backend)
+        need(r.temperature <= 2, "rollout.temperature", "the vllm backend allows [0, 2]", r.temperature)
+        need(cfg.eval.temperature <= 2, "eval.temperature", "the vllm backend allows [0, 2]", cfg.eval.temperature)
         # vLLM's log-probs are those of the distribution it sampled from, renormalised after
         # top-p; the learner's are the full softmax, so their ratio is wrong unless the learners
         # recompute the old log-probs themselves.

@@ -42,6 +42,12 @@ def _cell(value: Any, pattern: str, source: str) -> str:
     return f'<td data-source="{html.escape(source)}">{_fmt(value, pattern)}</td>'
 
 
+def _points(rows: list[dict[str, Any]], key: str) -> tuple[list, list]:
+    """(steps, values) of the rows that have `key`: a skipped RL step has no loss, KL or length."""
+    kept = [r for r in rows if isinstance(r.get(key), (int, float))]
+    return [r["step"] for r in kept], [r[key] for r in kept]
+
+
 def plot_figures(root: Path, curves: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str]]:
     """PNG files under root/figures: (relative path, caption) of each."""
     import matplotlib
@@ -62,20 +68,18 @@ def plot_figures(root: Path, curves: dict[str, list[dict[str, Any]]]) -> list[tu
     for key, title in CURVES.items():
         fig, ax = plt.subplots(figsize=(6, 3.2))
         for arm in ("rlsr", "sft_rlsr"):
-            rows = [r for r in curves.get(arm, []) if isinstance(r.get(key), (int, float))]
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=ARMS[arm])
+            ax.plot(*_points(curves.get(arm, []), key), marker=".", label=ARMS[arm])
         ax.set_xlabel("RL step")
         ax.set_title(title)
         ax.legend()
         save(fig, f"{key}.png", f"{title}, per RL step")
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     sft = curves.get("sft", [])
-    a.plot([r["step"] for r in sft], [r["loss"] for r in sft], marker=".", color="tab:green")
+    a.plot(*_points(sft, "loss"), marker=".", color="tab:green")
     a.set_title("SFT: answer-token cross-entropy")
     a.set_xlabel("SFT step")
     for arm in ("rlsr", "sft_rlsr"):
-        rows = curves.get(arm, [])
-        b.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".", label=ARMS[arm])
+        b.plot(*_points(curves.get(arm, []), "loss"), marker=".", label=ARMS[arm])
     b.set_title("RL: policy loss + KL term")
     b.set_xlabel("RL step")
     b.legend()

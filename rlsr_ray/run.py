@@ -74,15 +74,15 @@ def connect_ray(cfg: Config) -> bool:
 def _single_node_mode() -> None:
     """Make a Ray started here listen on loopback only: no dashboard or job API, and no port on the
     machine's network addresses. ray.init replaces a requested 127.0.0.1 node address with the
-    routable one unless Ray runs single-node (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is
-    first imported); with it, GCS, raylet, agents and workers all bind to 127.0.0.1."""
+    routable one unless Ray runs single-node (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). Ray's own
+    processes read that variable when they start; this process read it when it first imported ray,
+    which a command may have done already (rlsr_ray.sft imports Ray Train first), so the value it
+    then took is set too: Ray looks it up at each call (ray._private.services.get_node_ip_address)."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if "ray" in sys.modules:
+    if "ray" in sys.modules and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
         from ray._private import ray_constants
 
-        if ray_constants.ENABLE_RAY_CLUSTER and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
-            log.warning("ray was imported before rlsr_ray started it, so the local Ray binds to the machine's "
-                        "network address too (set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray)")
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _device(pool) -> str:
@@ -140,7 +140,7 @@ def rollout_pool(cfg: Config, policy_path: str):
     return Pool("rollout", RolloutActor, p, dict(
         policy_path=policy_path, backend=r.backend, compute_dtype=cfg.model.compute_dtype,
         device=_device(p), torch_threads=p.torch_threads, generate_batch_size=r.generate_batch_size,
-        vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization), **_timeouts(cfg))
+        vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization, seed=cfg.run.seed), **_timeouts(cfg))
 
 
 def reward_pool(cfg: Config, reward_path: str):

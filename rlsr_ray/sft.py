@@ -38,7 +38,10 @@ from the newest SFT run's newest checkpoint)."""
 
 
 def sft_rows(cfg: Config, policy_path: str) -> pa.Table:
-    """SFT rows of the training split: prompt ids as rlsr_ray.run builds them, answer ids + EOS."""
+    """SFT rows of the training split: prompt ids as rlsr_ray.run builds them (an overlong prompt
+    dropped or cut by data.prompt_overflow, as there), answer ids + EOS. An answer longer than
+    sft.max_answer_tokens is cut and gets no EOS: ending it there would teach the policy to stop
+    mid-answer."""
     from rlsr_ray import batch, data
     from rlsr_ray.policy import load_tokenizer
 
@@ -46,16 +49,23 @@ def sft_rows(cfg: Config, policy_path: str) -> pa.Table:
     train, _ = data.split_heldout(examples, cfg.data.heldout_size, cfg.data.shuffle_seed)
     tok = load_tokenizer(policy_path)
     d = cfg.data
-    prompts, answers = [], []
-    for ex in train:  # one at a time: tokenize() may drop an overlong prompt, answers must stay paired
-        t = data.tokenize([ex], tok, d.max_prompt_tokens, d.prompt_overflow, d.system_prompt)
-        if not t.prompt_ids:
-            continue
-        ids = tok(ex.reference, add_special_tokens=False)["input_ids"][:cfg.sft.max_answer_tokens - 1]
-        prompts.append(t.prompt_ids[0])
-        answers.append(list(ids) + [tok.eos_token_id])
-    table = pa.table({"group_id": pa.array(range(len(prompts)), pa.int64()),
-                      "prompt_ids": pa.array(prompts, pa.list_(pa.int32())),
+    t = data.tokenize(train, tok, d.max_prompt_tokens, d.prompt_overflow, d.system_prompt)
+    if t.dropped or t.truncated:
+        log.info("sft: %d prompt(s) longer than data.max_prompt_tokens=%d %s", t.dropped or t.truncated,
+                 d.max_prompt_tokens, "dropped" if t.dropped else "cut to their last tokens")
+    limit = cfg.sft.max_answer_tokens
+    answers, cut = [], 0
+    for reference in t.references:  # paired with t.prompt_ids: tokenize keeps or drops both together
+        ids = list(tok(reference, add_special_tokens=False)["input_ids"])
+        if len(ids) >= limit:
+            answers.append(ids[:limit])
+            cut += 1
+        else:
+            answers.append(ids + [tok.eos_token_id])
+    if cut:
+        log.info("sft: %d answer(s) cut to sft.max_answer_tokens=%d, without EOS", cut, limit)
+    table = pa.table({"group_id": pa.array(range(len(answers)), pa.int64()),
+                      "prompt_ids": pa.array(t.prompt_ids, pa.list_(pa.int32())),
                       "response_ids": pa.array(answers, pa.list_(pa.int32()))})
     return batch.check(table, batch.SFT, "sft rows")
 
@@ -89,7 +99,8 @@ def _worker(job: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    lrn = LearnerActor(job["policy"], job["settings"], world_size=world, device=job["device"],
+    device = worker_device(job["device"])
+    lrn = LearnerActor(job["policy"], job["settings"], world_size=world, device=device,
                        torch_threads=job["threads"], cache_dir=job["cache_dir"], rank=rank)
     lrn.setup(None)
     start, cursor_state = 0, {}
@@ -112,7 +123,7 @@ def _worker(job: dict[str, Any]) -> None:
         shares, tokens, passes = worker_shares(rows, cursor.next_indices(job["batch"]), world,
                                                job["settings"].micro_batch_size)
         stats = lrn.sft_step([shares[rank]], [tokens], [passes])
-        nll, counted = _summed(stats["nll_sum"], stats["tokens"], world, job["device"])  # the batch's, not a share's
+        nll, counted = _summed(stats["nll_sum"], stats["tokens"], world, device)  # the batch's, not a share's
         row = {"step": step + 1, "loss": nll / max(counted, 1.0), "tokens": counted,
                "skipped": stats["skipped"], "grad_norm": stats.get("grad_norm", float("nan")),
                "step_s": time.perf_counter() - t0}
@@ -132,6 +143,17 @@ def _worker(job: dict[str, Any]) -> None:
         writer.close()
         shutil.rmtree(out / "sft_staging", ignore_errors=True)  # each checkpoint went to storage
     lrn.save_pretrained(job["final"])  # every rank (ZeRO-3 gathers); rank 0 writes
+
+
+def worker_device(device: str) -> str:
+    """This worker's device: on GPUs the one Ray Train assigned it. Workers on one node share
+    CUDA_VISIBLE_DEVICES (ray/train/v2/_internal/callbacks/accelerators.py), so plain "cuda"
+    would put all of them on the node's first GPU."""
+    if not device.startswith("cuda"):
+        return device
+    import ray.train.torch
+
+    return str(ray.train.torch.get_device())
 
 
 def _summed(a: float, b: float, world: int, device: str) -> tuple[float, float]:
@@ -180,6 +202,14 @@ class SftError(RuntimeError):
     """Training failed on the workers; the message ends with the last line of the cause."""
 
 
+def require_final(final: Path, name: str) -> None:
+    """Worker rank 0 writes final/ where it runs; a driver on another node (the head of the
+    shipped clusters, which `rlsr_ray.compare` reads it from) sees it only on shared storage."""
+    if not (final / "config.json").is_file():
+        raise SftError(f"SFT run {name} finished, but {final} is not on this machine: the workers wrote it on "
+                       "their node; put run.output_dir on storage every node shares (e.g. NFS)")
+
+
 def run(cfg: Config) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -223,6 +253,7 @@ def run(cfg: Config) -> dict[str, Any]:
     finally:
         if started:
             ray.shutdown()
+    require_final(Path(job["final"]), name)
     summary = {"final": job["final"], "examples": len(rows), "steps": steps, "workers": workers,
                "ray_train_run": name, "storage_path": storage,
                "checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -112,7 +112,7 @@ class WeightGroup:
         else:
             raise ValueError(f"weight route address {address!r} is neither file:// nor tcp://")
         if settings.backend == "nccl":
-            self.pg = dist.ProcessGroupNCCL(store, rank, world_size)
+            self.pg = nccl_group(dist, store, rank, world_size, timeout)
         else:
             options = dist.ProcessGroupGloo._Options()
             options._timeout = timeout
@@ -152,6 +152,16 @@ class WeightGroup:
             flat = torch.empty(sum(s.numel for s in chunk), dtype=wire, device=self.device)
             self.pg.broadcast([flat], _root0()).wait()
             yield unpack(flat, chunk)
+
+
+def nccl_group(dist, store, rank: int, world_size: int, timeout: datetime.timedelta):
+    """An NCCL group whose collectives fail after `timeout`, as torch's own
+    `_new_process_group_helper` builds one. Without options NCCL takes torch's default (10 min),
+    and its watchdog then ends the whole process (a vLLM engine) instead of failing the broadcast."""
+    options = dist.ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = False
+    options._timeout = timeout
+    return dist.ProcessGroupNCCL(store, rank, world_size, options)
 
 
 def _root0():

@@ -80,3 +80,14 @@ def test_a_finished_comparison_keeps_its_arms(finished):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "already trained" in done.stderr and (out / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == before
     assert "No judge configured" in (out / "report.html").read_text()
+
+
+def test_figures_skip_the_rows_of_skipped_rl_steps(tmp_path):
+    """A skipped step (NaN rewards, nothing informative) has no loss, KL or length in its row."""
+    from rlsr_ray.report import CURVES, plot_figures
+
+    rl = [{"step": 1, "loss": 0.5, **{k: 0.1 for k in CURVES}}, {"step": 2, "skipped": "non-finite rewards"},
+          {"step": 3, "loss": 0.4, **{k: 0.2 for k in CURVES}}]
+    made = plot_figures(tmp_path, {"sft": [{"step": 1, "loss": 2.0}], "rlsr": rl, "sft_rlsr": rl[1:]})
+    assert [p for p, _ in made] == [f"figures/{k}.png" for k in CURVES] + ["figures/loss.png"]
+    assert all((tmp_path / p).read_bytes().startswith(b"\x89PNG") for p, _ in made)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from listeners import LOOPBACK, session_listeners
 
 pytestmark = pytest.mark.slow
 
@@ -33,33 +34,6 @@ def _check_outputs(out: Path, steps: int) -> dict:
     return summary
 
 
-def _session_listeners(session: int) -> list[tuple[str, int]]:
-    """(address, pid) of every listening TCP socket held by a process of this session (from /proc)."""
-    inodes = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if os.getsid(int(proc.name)) != session:
-                continue
-            for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes[target[8:-1]] = int(proc.name)
-        except OSError:  # exited meanwhile, or not ours to read
-            continue
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                found.append((fields[1].rsplit(":", 1)[0], inodes[fields[9]]))
-    return found
-
-
-LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
-
-
 def test_tiny_preset_on_local_ray(tmp_path):
     out = tmp_path / "run"
     secret = "5ecre7" + os.urandom(13).hex()
@@ -71,7 +45,7 @@ def test_tiny_preset_on_local_ray(tmp_path):
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        listeners = _session_listeners(proc.pid)  # mid-run: Ray, its agents and all four pools are up
+        listeners = session_listeners(proc.pid)  # mid-run: Ray, its agents and all four pools are up
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:

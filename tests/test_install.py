@@ -53,7 +53,7 @@ def install_lines() -> dict[str, list[str]]:
 def test_the_install_lines_are_found():
     lines = install_lines()
     assert lines[shlex.join(["-e", ".[cpu]"])] == ["README.md", "README.md"]  # quick start, measured run
-    assert "README.md" in lines[shlex.join(["-e", ".[cpu,dev]"])]  # the test command
+    assert "README.md" in lines[shlex.join(["-e", ".[cpu,dev,vllm-api]"])]  # the test command
     gpu = [args for args in lines if "[vllm]" in args]
     assert gpu and sorted(n for a in gpu for n in lines[a]) == ["a100.yaml", "heterogeneous.yaml"], lines
 

@@ -1,6 +1,7 @@
 """Supervised fine-tuning on Ray Train: batches cut for workers, and SFT -> RLSR on its output."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -24,6 +25,50 @@ def test_a_global_batch_is_length_sorted_and_split_over_workers():
     assert [s.column("group_id").to_pylist() for s in shares] == [[1, 4, 2], [3, 0]]  # totals 2 3 6 | 10 12
     assert tokens == 21.0  # every answer token of the batch: the normaliser on both workers
     assert passes == 2  # 3 rows in micro-batches of 2
+
+
+def test_sft_rows_drop_overlong_prompts_as_run_does_and_cut_answers_without_eos(tmp_path, tiny_policy, tiny_tokenizer):
+    from rlsr_ray.config import load_config
+    from rlsr_ray.sft import sft_rows
+
+    long_prompt, long_answer = "word " * 300, "many words " * 200
+    lines = [{"prompt": long_prompt, "response": "fine"}, {"prompt": "Hi?", "response": long_answer},
+             {"prompt": "Why?", "response": "Because."}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = load_config("tiny", [f"--data.path={path}", "--data.heldout_size=0", "--data.max_prompt_tokens=64",
+                               "--data.prompt_overflow=drop", "--sft.max_answer_tokens=16"])
+    rows = sft_rows(cfg, tiny_policy)
+    answers = rows.column("response_ids").to_pylist()
+    eos = tiny_tokenizer.eos_token_id
+    assert len(rows) == 2  # the overlong prompt is dropped, the rest kept and still paired
+    by_len = sorted(answers, key=len)
+    assert by_len[0][-1] == eos and tiny_tokenizer.decode(by_len[0][:-1]) == "Because."
+    assert len(by_len[1]) == 16 and eos not in by_len[1]  # cut: no EOS, which would teach stopping mid-answer
+
+
+def test_each_worker_drives_the_gpu_ray_train_gave_it(monkeypatch):
+    """Ray Train's GPU workers on one node share CUDA_VISIBLE_DEVICES; get_device() names each
+    one's own (CUDA cannot run here: a STAND-IN get_device answers as it would on a worker)."""
+    import ray.train.torch
+    import torch
+
+    from actors.learner import cuda_index
+    from rlsr_ray.sft import worker_device
+
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda", 5))
+    assert worker_device("cuda") == "cuda:5" and cuda_index(worker_device("cuda")) == 5
+    assert worker_device("cpu") == "cpu" and cuda_index("cpu") == 0 and cuda_index("cuda") == 0
+
+
+def test_a_final_policy_written_on_another_node_is_named_not_assumed(tmp_path):
+    from rlsr_ray.sft import SftError, require_final
+
+    with pytest.raises(SftError, match=r"SFT run sft-1 finished, but .*final is not on this machine.*run.output_dir"):
+        require_final(tmp_path / "final", "sft-1")
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text("{}")
+    require_final(tmp_path / "final", "sft-1")
 
 
 SFT_ARGS = ["tiny", "--ray.address=local", "--sft.batch_examples=16", "--sft.lr=1e-3", "--sft.save_every=1",

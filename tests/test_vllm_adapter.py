@@ -1,7 +1,8 @@
 """The vLLM backend's adapter logic, driven by STAND-IN objects shaped like vLLM's outputs.
 
 vLLM has no CPU build, so the engine itself cannot run here; these tests cover what rlsr_ray adds
-around it: the SamplingParams arguments and the conversion of RequestOutputs into samples.
+around it without the vllm wheel: the SamplingParams arguments and the conversion of
+RequestOutputs into samples. tests/test_vllm_api.py checks the same against vLLM's own classes.
 """
 from dataclasses import dataclass
 
@@ -29,10 +30,10 @@ class StandInRequestOutput:  # mirrors vllm.outputs.RequestOutput
 
 
 def test_sampling_kwargs_sampled_and_greedy():
-    kw = sampling_kwargs(SamplingSpec(n=8, max_new_tokens=100, temperature=0.9, top_p=0.95, seed=7))
-    assert kw == dict(n=8, max_tokens=100, logprobs=0, temperature=0.9, top_p=0.95)  # no per-request seed
-    greedy = sampling_kwargs(SamplingSpec(n=1, max_new_tokens=5, temperature=0.0, top_p=0.5, seed=0))
-    assert greedy["temperature"] == 0.0 and "top_p" not in greedy
+    kw = sampling_kwargs(SamplingSpec(n=8, max_new_tokens=100, temperature=0.9, top_p=0.95, seed=7), seed=99)
+    assert kw == dict(n=8, max_tokens=100, logprobs=0, temperature=0.9, top_p=0.95, seed=99)
+    greedy = sampling_kwargs(SamplingSpec(n=1, max_new_tokens=5, temperature=0.0, top_p=0.5, seed=0), seed=99)
+    assert greedy["temperature"] == 0.0 and "top_p" not in greedy and "seed" not in greedy
 
 
 def test_to_samples_picks_sampled_token_logprob_and_cuts_at_eos():
@@ -68,7 +69,11 @@ def test_to_samples_refuses_aborted_or_failed_requests(reason):
         to_samples(StandInRequestOutput([comp]), {2})
 
 
-def test_sampling_kwargs_whitelist_the_tokenizer_vocabulary_of_a_padded_model():
+def test_sampling_kwargs_mask_the_padded_logits_of_a_model_by_limit_not_by_whitelist():
     spec = SamplingSpec(n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0)
-    assert "allowed_token_ids" not in sampling_kwargs(spec)
-    assert sampling_kwargs(spec, token_limit=5)["allowed_token_ids"] == [0, 1, 2, 3, 4]
+    assert "extra_args" not in sampling_kwargs(spec)
+    kw = sampling_kwargs(spec, token_limit=151_665)
+    assert kw["extra_args"] == {"rlsr_token_limit": 151_665} and "allowed_token_ids" not in kw
+    assert "logits_processors" not in engine_kwargs("/m", "bfloat16", 0.8, seed=5)
+    assert engine_kwargs("/m", "bfloat16", 0.8, seed=5, mask_padded_vocab=True)["logits_processors"] == [
+        "actors.vllm_logits:TokenizerVocabMask"]

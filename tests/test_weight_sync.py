@@ -43,3 +43,23 @@ def test_only_plain_values_cross_vllms_rpc():
     decoded = msgpack.unpackb(msgpack.packb(payload))
     assert decoded == payload
     assert specs_from_rpc(decoded[3]) == specs and RouteSettings(*decoded[2]) == settings
+
+
+def test_the_nccl_route_fails_after_the_configured_timeout_not_torchs_ten_minutes():
+    """NCCL needs CUDA: a STAND-IN for torch.distributed's ProcessGroupNCCL records what it is
+    built with, as torch's own _new_process_group_helper builds it (Options, then the group)."""
+    import datetime
+    from types import SimpleNamespace
+
+    from rlsr_ray.weight_sync import nccl_group
+
+    class StandInNCCL:
+        Options = SimpleNamespace  # torch: ProcessGroupNCCL.Options(), then attributes set on it
+
+        def __init__(self, store, rank, size, options):
+            self.args = (store, rank, size, options)
+
+    pg = nccl_group(SimpleNamespace(ProcessGroupNCCL=StandInNCCL), "store", 1, 3, datetime.timedelta(seconds=42))
+    store, rank, size, options = pg.args
+    assert (store, rank, size) == ("store", 1, 3)
+    assert options._timeout == datetime.timedelta(seconds=42) and options.is_high_priority_stream is False
