@@ -46,7 +46,10 @@ class Pool:
                  placement_timeout_s: float = 600.0, call_timeout_s: float = 3600.0, ray_restarts: bool = True):
         """ray_restarts=False: a dead actor stays dead and the driver rebuilds the pool itself
         (learners: their process group and optimizer state cannot be restored by a bare restart)."""
-        self.role, self.cfg, self.call_timeout_s = role, cfg, call_timeout_s
+        self.role, self.cfg = role, cfg
+        own = cfg.call_timeout_s is not None  # the role's own bound, else the run's
+        self.call_timeout_s = cfg.call_timeout_s if own else call_timeout_s
+        self.timeout_key = f"pools.{role}.call_timeout_s" if own else "ray.call_timeout_s"
         self.remote = cfg.num_actors > 0
         if not self.remote:
             self.actors = [cls(**kwargs, rank=0)]
@@ -137,7 +140,7 @@ class Pool:
             if not ready:
                 ranks = [i for i, r in enumerate(results) if r in pending]
                 raise PoolTimeout(f"pool {self.role}: actor rank(s) {ranks} did not finish {what} within "
-                                  f"{self.call_timeout_s:.0f}s (ray.call_timeout_s)")
+                                  f"{self.call_timeout_s:.0f}s ({self.timeout_key})")
             rank = results.index(ready[0])
             try:
                 values[rank] = ray.get(ready[0])  # kept: rollout tables are not fetched twice

@@ -120,6 +120,9 @@ class PoolConfig:
     # "auto": CUDA when the actor holds GPUs. "cpu" keeps compute on the CPU while placement still
     # asks for logical GPUs, which lets GPU layouts be exercised on machines without any.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # This role's wait for one call; None: ray.call_timeout_s. A rollout of 4096-token answers
+    # takes far longer than scoring them, so one bound for every role is either loose or wrong.
+    call_timeout_s: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -414,6 +417,8 @@ def validate(cfg: Config) -> None:
         need(p.num_cpus >= 0, f"pools.{role}.num_cpus", "must be >= 0", p.num_cpus)
         need(p.num_gpus >= 0, f"pools.{role}.num_gpus", "must be >= 0", p.num_gpus)
         need(p.torch_threads >= 1, f"pools.{role}.torch_threads", "must be >= 1", p.torch_threads)
+        need(p.call_timeout_s is None or p.call_timeout_s > 0, f"pools.{role}.call_timeout_s", "must be > 0",
+             p.call_timeout_s)
     if r.backend == "vllm":
         need(cfg.pools.rollout.num_gpus > 0, "pools.rollout.num_gpus", "the vllm backend needs GPUs", 0)
         # vLLM's own limits, refused here rather than by the engine at the first generate.

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from test_e2e import LOOPBACK, _free_port, _session_listeners
+from listeners import LOOPBACK, session_listeners
+from test_e2e import _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +85,7 @@ def test_malformed_requests_get_a_4xx_and_the_server_goes_on(server, content, st
 
 def test_listens_on_loopback_only(server):
     _, proc, _ = server
-    listeners = _session_listeners(proc.pid)
+    listeners = session_listeners(proc.pid)
     assert len(listeners) >= 3, listeners
     assert [(a, pid) for a, pid in listeners if a not in LOOPBACK] == []
 
