@@ -186,6 +186,10 @@ class EvalConfig:
     judge_api_key_env: str = "OPENAI_API_KEY"  # sent as a bearer token when set
     judge_prompt: Optional[str] = None  # a file with {instruction} {response_a} {response_b}
     judge_timeout_s: float = 120.0
+    judge_retries: int = 4  # further tries of an endpoint request on 429/5xx, a timeout, a dropped connection
+    # Whether this judge is known to agree with human preference (e.g. AlpacaEval's reference
+    # judge). Only then are its votes reported as win rates; otherwise as votes, with a caution.
+    judge_vetted: bool = False
 
 
 @dataclass(frozen=True)
@@ -408,6 +412,7 @@ def validate(cfg: Config) -> None:
          "must be an absolute path or a URI such as s3://bucket/dir", sp)
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", cfg.eval.max_new_tokens)
     need(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0", cfg.eval.temperature)
+    need(cfg.eval.judge_retries >= 0, "eval.judge_retries", "must be >= 0", cfg.eval.judge_retries)
     need(cfg.run.steps >= 0, "run.steps", "must be >= 0", cfg.run.steps)
     need(cfg.data.heldout_size >= 0, "data.heldout_size", "must be >= 0", cfg.data.heldout_size)
     need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", cfg.data.max_prompt_tokens)

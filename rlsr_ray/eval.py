@@ -161,10 +161,16 @@ def make_judge(cfg: Config):
     e = cfg.eval
     J.load_template(e.judge_prompt)
     jd = J.make_judge(e.judge, e.judge_model, e.judge_api_key_env, e.judge_timeout_s, cfg.model.cache_dir,
-                      _device(cfg.pools.reward))
-    if isinstance(jd, J.EndpointJudge):
-        jd.ask("Reply with the single letter A.")  # an unreachable or refusing endpoint fails here
+                      _device(cfg.pools.reward), e.judge_retries)
+    if isinstance(jd, J.EndpointJudge):  # an unreachable, refusing or unreadable endpoint fails here
+        reply = jd.ask(PING)
+        if J.parse_verdict(reply) is None:
+            raise J.JudgeError(f"judge endpoint {jd.url}: asked to reply with the single letter A, {e.judge_model} "
+                               f"replied {reply[:80]!r}: its verdicts could not be read; check eval.judge_model")
     return jd
+
+
+PING = "Reply with the single letter A."
 
 
 def judge_pairs(cfg: Config, jd, pairs: list[tuple[str, str]], prompts: Prompts, results: dict[str, list[dict]],
@@ -188,11 +194,18 @@ def judge_pairs(cfg: Config, jd, pairs: list[tuple[str, str]], prompts: Prompts,
                 f.write(json.dumps({"index": k, **r}) + "\n")
         rates[f"{x}_vs_{y}"] = {"x": x, "y": y, **J.win_rate(rows, [len(s) for s in ox], [len(s) for s in oy])}
         log.info("eval: judged %s vs %s on %d prompts in %.1f s", x, y, len(rows), time.perf_counter() - t0)
+    small = isinstance(jd, J.LocalJudge) and jd.parameters < J.LocalJudge.TOO_SMALL
+    vetted = e.judge_vetted and not small
+    # Votes of a judge nobody has checked against human preference are not a win rate: they go
+    # under "votes", and only a judge the user marks vetted fills "win_rates".
     info = {"configured": True, "judge": jd.name, "prompt": e.judge_prompt or "rlsr_ray/prompts/judge_pairwise.txt",
-            "win_rates": rates}
-    if isinstance(jd, J.LocalJudge) and jd.parameters < J.LocalJudge.TOO_SMALL:
+            "vetted": vetted, ("win_rates" if vetted else "votes"): rates}
+    if small:
         info["caution"] = (f"the judge has {jd.parameters / 1e6:.0f}M parameters: too small to judge answers; "
                            "these votes check the plumbing and are not a win rate")
+    elif not vetted:
+        info["caution"] = ("the judge is not marked vetted (eval.judge_vetted=true): these are its votes, not a "
+                           "win rate, until it is shown to agree with human preference")
     return info
 
 
@@ -246,6 +259,10 @@ def evaluate(cfg: Config, checkpoints: list[tuple[str, str]], pairs: list[tuple[
         "checkpoints": {n: {"path": p, **means(results[n])} for n, p in checkpoints},
         "deltas": {f"{x}_vs_{y}": {"x": x, "y": y, **deltas(results[y], results[x])} for x, y in pairs},
     }
+    # Written before judging too: an endpoint that fails for good then loses no metric.
+    summary["judge"] = {"configured": jd is not None, "pending": jd is not None}
+    summary["total_s"] = time.perf_counter() - t0
+    (out / "eval_summary.json").write_text(json.dumps(summary, indent=1))
     summary["judge"] = judge_pairs(cfg, jd, pairs, prompts, results, out)
     summary["total_s"] = time.perf_counter() - t0
     (out / "eval_summary.json").write_text(json.dumps(summary, indent=1))

@@ -8,10 +8,12 @@ mean over prompts with its standard error. The judge is an OpenAI-compatible
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -76,6 +78,9 @@ class Judge(Protocol):
         ...
 
 
+RETRY_STATUS = {429, 500, 502, 503, 504}  # rate limits and a server's passing trouble
+
+
 @dataclass
 class EndpointJudge:
     """Any OpenAI-compatible server: vLLM's, a hosted API, or `python -m rlsr_ray.serve`."""
@@ -84,6 +89,8 @@ class EndpointJudge:
     api_key_env: str = "OPENAI_API_KEY"
     timeout_s: float = 60.0
     max_tokens: int = 8
+    retries: int = 4  # further tries of a request that hit RETRY_STATUS, a timeout or a dropped connection
+    backoff_s: float = 2.0  # first wait; doubled each try, or the server's Retry-After
 
     @property
     def name(self) -> str:
@@ -94,6 +101,19 @@ class EndpointJudge:
         return u if u.endswith("/chat/completions") else u + "/chat/completions"
 
     def ask(self, prompt: str) -> str:
+        """The reply's text. Hours of evaluation hang on thousands of these calls, so passing
+        failures are retried with backoff; a refused connection or another 4xx is not (it will
+        not get better) and stops the command in one line."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._ask_once(prompt)
+            except _Passing as e:
+                if attempt == self.retries:
+                    raise JudgeError(f"judge endpoint {self._endpoint()}: {e.what} after {self.retries + 1} tries") from None
+                time.sleep(e.retry_after_s if e.retry_after_s is not None else self.backoff_s * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _ask_once(self, prompt: str) -> str:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
                            "temperature": 0.0, "max_tokens": self.max_tokens}).encode()
         headers = {"Content-Type": "application/json"}
@@ -111,9 +131,15 @@ class EndpointJudge:
                 detail = json.loads(detail)["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 detail = detail.strip().splitlines()[0][:200] if detail.strip() else e.reason
+            if e.code in RETRY_STATUS:
+                raise _Passing(f"HTTP {e.code}: {detail}", _seconds(e.headers.get("Retry-After"))) from None
             raise JudgeError(f"{where}: HTTP {e.code}: {detail}") from None
+        except (TimeoutError, ConnectionResetError, http.client.RemoteDisconnected) as e:
+            raise _Passing(f"no reply ({type(e).__name__})") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
+            if isinstance(reason, (TimeoutError, ConnectionResetError)):
+                raise _Passing(f"no reply ({type(reason).__name__})") from None
             raise JudgeError(f"{where}: cannot connect ({reason}); check eval.judge") from None
         try:
             return json.loads(raw)["choices"][0]["message"]["content"] or ""
@@ -122,6 +148,21 @@ class EndpointJudge:
 
     def verdicts(self, prompts: list[str]) -> list[str | None]:
         return [parse_verdict(self.ask(p)) for p in prompts]
+
+
+class _Passing(Exception):
+    """A failure worth another try."""
+
+    def __init__(self, what: str, retry_after_s: float | None = None):
+        self.what, self.retry_after_s = what, retry_after_s
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """Retry-After in seconds (the HTTP-date form is ignored), at most a minute."""
+    try:
+        return min(max(float(retry_after), 0.0), 60.0) if retry_after else None
+    except ValueError:
+        return None
 
 
 class LocalJudge:
@@ -175,7 +216,7 @@ class LocalJudge:
 
 
 def make_judge(spec: str, model: str, api_key_env: str, timeout_s: float, cache_dir: str,
-               device: str = "cpu") -> Judge | None:
+               device: str = "cpu", retries: int = 4) -> Judge | None:
     """eval.judge: 'none', an http(s) URL (eval.judge_model names the model), or a local HF model
     (a path or a built-in name)."""
     if spec in ("", "none"):
@@ -183,7 +224,7 @@ def make_judge(spec: str, model: str, api_key_env: str, timeout_s: float, cache_
     if spec.startswith(("http://", "https://")):
         if not model:
             raise JudgeError("eval.judge_model: name the endpoint's model (the 'model' field of each request)")
-        return EndpointJudge(spec, model, api_key_env, timeout_s)
+        return EndpointJudge(spec, model, api_key_env, timeout_s, retries=retries)
     from rlsr_ray.models import resolve_policy
 
     return LocalJudge(resolve_policy(spec, cache_dir), device)
@@ -239,9 +280,14 @@ def win_rate(rows: list[dict], len_x: list[int] | None = None, len_y: list[int] 
 def length_controlled(scores: np.ndarray, length_diff: np.ndarray, ridge: float = 1e-3) -> dict:
     """AlpacaEval's length control without its instruction-difficulty term: fit
     score ~ sigmoid(b0 + b1 * tanh(length_diff / std(length_diff))) by (fractional-target)
-    logistic regression and report sigmoid(b0), the win rate when both lengths are equal, with a
-    delta-method SE from the fit's Fisher information. A tiny ridge on the slope alone keeps
-    perfectly separated data (the longer always wins) finite without biasing the intercept."""
+    logistic regression and report sigmoid(b0), the win rate when both lengths are equal.
+
+    Its SE is the delta method on a sandwich (robust) variance of b0: scores of 0, ½ and 1 are
+    not Bernoulli draws, so the fit's own Fisher information would misstate it. Where length
+    separates the verdicts (the longer answer always wins), the maximum-likelihood slope is
+    infinite and sigmoid(b0) depends only on where the iterations stop: the rate is then n/a
+    (NaN) and `lc_separated` says why. A tiny ridge on the slope alone keeps near-separated fits
+    finite without biasing the intercept."""
     n = scores.size
     if n < 3:
         return {"lc_win_rate": float("nan"), "lc_se": float("nan")}
@@ -249,18 +295,36 @@ def length_controlled(scores: np.ndarray, length_diff: np.ndarray, ridge: float 
         return {"lc_win_rate": float(100 * scores[0]), "lc_se": float("nan"), "lc_length_coef": 0.0}
     sd = length_diff.std()
     z = np.tanh(length_diff / sd) if sd > 0 else np.zeros(n)
+    if sd > 0 and separated(z, scores):
+        return {"lc_win_rate": float("nan"), "lc_se": float("nan"), "lc_length_coef": float("nan"),
+                "lc_separated": True}
     x = np.stack([np.ones(n), z], axis=1)
     b = np.zeros(2)
+    penalty = np.diag([0.0, ridge])
     for _ in range(100):
         p = 1 / (1 + np.exp(-x @ b))
-        penalty = np.diag([0.0, ridge])
         grad = x.T @ (scores - p) - penalty @ b
         hess = (x * (p * (1 - p))[:, None]).T @ x + penalty
         step = np.linalg.solve(hess, grad)
         b += step
         if np.abs(step).max() < 1e-10:
             break
+    p = 1 / (1 + np.exp(-x @ b))
+    bread = np.linalg.inv((x * (p * (1 - p))[:, None]).T @ x + penalty)
+    meat = (x * ((scores - p) ** 2)[:, None]).T @ x
+    var_b0 = float((bread @ meat @ bread)[0, 0])
     p0 = 1 / (1 + math.exp(-b[0]))
-    var_b0 = float(np.linalg.inv(hess)[0, 0])
     return {"lc_win_rate": 100 * p0, "lc_se": 100 * p0 * (1 - p0) * math.sqrt(max(var_b0, 0.0)),
-            "lc_length_coef": float(b[1])}
+            "lc_length_coef": float(b[1]), "lc_separated": False}
+
+
+def separated(z: np.ndarray, scores: np.ndarray) -> bool:
+    """Whether some threshold c on z has every win (score 1) at or above it, every loss (0) at or
+    below it and every tie or split verdict exactly on it (or the same with z mirrored): then the
+    likelihood keeps growing as the slope goes to infinity."""
+    for zz in (z, -z):
+        below = zz[scores < 1]  # losses and ties must sit at or under c
+        above = zz[scores > 0]  # wins and ties at or over it
+        if below.size and above.size and below.max() <= above.min():
+            return True
+    return False

@@ -129,10 +129,13 @@ def build(root: Path) -> Path:
                      "ties count half.</p>")
         if "caution" in j:
             parts.append(f"<p><b>Caution:</b> {html.escape(j['caution'])}</p>")
-        parts.append("<table><tr><th>X vs Y</th><th>X's win rate %</th><th>length-controlled %</th>"
+        # A judge not marked vetted gives votes, not win rates (rlsr_ray.eval.judge_pairs).
+        group = "win_rates" if "win_rates" in j else "votes"
+        what = "X's win rate %" if group == "win_rates" else "X's share of the judge's votes %"
+        parts.append(f"<table><tr><th>X vs Y</th><th>{what}</th><th>length-controlled %</th>"
                      "<th>prompts</th><th>order agreement</th></tr>")
-        for key, w in j["win_rates"].items():
-            s = f"{src}:judge.win_rates.{key}"
+        for key, w in j[group].items():
+            s = f"{src}:judge.{group}.{key}"
             parts.append(f"<tr><th>{html.escape(ARMS.get(w['x'], w['x']))} vs {html.escape(ARMS.get(w['y'], w['y']))}</th>"
                          f'<td><span data-source="{s}.win_rate">{_fmt(w["win_rate"], "{:.1f}")}</span> ± '
                          f'<span data-source="{s}.se">{_fmt(w["se"], "{:.1f}")}</span></td>'

@@ -107,3 +107,47 @@ def test_means_and_paired_deltas_on_hand_made_answers():
     assert d["similarity"]["delta_se"] == pytest.approx(np.std([0.1, 0.2], ddof=1) / np.sqrt(2))
     assert d["tokens"]["delta_mean"] == pytest.approx(2.0) and d["tokens"]["delta_se"] == pytest.approx(8.0)
     assert d["copy_penalized"]["delta_mean"] == -0.5 and d["cut"]["delta_mean"] == -0.5
+
+
+def _questions(tmp_path):
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{k}: name a color.", "response": "Blue."}) + "\n" for k in range(3)))
+    return f"--eval.data_path={data}"
+
+
+def test_an_endpoint_whose_reply_cannot_be_read_fails_before_generation(tiny_policy, tmp_path, capsys):
+    from judge_server import scripted_judge
+
+    out = tmp_path / "eval"
+    with scripted_judge([(200, "I think both answers have merit.")]) as (url, seen):
+        assert E.main([tiny_policy, *IN_DRIVER, _questions(tmp_path), f"--eval.judge={url}", "--eval.judge_model=m",
+                       f"--eval.output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "asked to reply with the single letter A, m replied 'I think both" in err and "\n" not in err
+    assert len(seen) == 1 and not out.exists()
+
+
+def test_a_judge_failing_for_good_loses_no_metric_and_unvetted_votes_are_not_win_rates(two_checkpoints, tmp_path, capsys):
+    from judge_server import scripted_judge
+
+    base, other = two_checkpoints
+    args = [f"base={base}", f"other={other}", *IN_DRIVER, _questions(tmp_path), "--eval.judge_model=m",
+            "--eval.judge_retries=1"]
+    out = tmp_path / "failing"
+    with scripted_judge([(200, "A"), (503, "overloaded")]) as (url, seen):
+        assert E.main([*args, f"--eval.judge={url}", f"--eval.output_dir={out}"]) == 2
+    assert "HTTP 503: overloaded after 2 tries" in capsys.readouterr().err
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert summary["judge"] == {"configured": True, "pending": True}
+    assert set(summary["checkpoints"]) == {"base", "other"} and "other_vs_base" in summary["deltas"]
+
+    for vetted, group in ((False, "votes"), (True, "win_rates")):
+        out = tmp_path / group
+        with scripted_judge([(200, "A")]) as (url, seen):
+            assert E.main([*args, f"--eval.judge={url}", f"--eval.output_dir={out}",
+                           f"--eval.judge_vetted={str(vetted).lower()}"]) == 0
+        judge = json.loads((out / "eval_summary.json").read_text())["judge"]
+        assert judge["vetted"] is vetted and list(judge) == ["configured", "judge", "prompt", "vetted", group] + \
+            ([] if vetted else ["caution"])
+        assert judge[group]["other_vs_base"]["win_rate"] == 50.0  # "A" always: each order once
+        assert len(seen) == 1 + 2 * 3

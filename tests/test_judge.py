@@ -6,6 +6,7 @@ is tested against rlsr_ray.serve in test_serve.py and against a closed port here
 """
 from __future__ import annotations
 
+import math
 import socket
 
 import numpy as np
@@ -113,3 +114,41 @@ def test_unreachable_endpoint_is_one_clear_line():
     assert f"judge endpoint http://127.0.0.1:{port}/v1/chat/completions: cannot connect" in msg and "\n" not in msg
     with pytest.raises(J.JudgeError, match="eval.judge_model"):
         J.make_judge(f"http://127.0.0.1:{port}/v1", "", "KEY", 5, "/tmp")
+
+
+def test_length_controlled_se_is_the_sandwich_not_bernoulli():
+    # Length differences all equal: the fit is an intercept only, sigmoid(b0) is the mean score,
+    # and the sandwich SE is the plain SE of the mean (ddof 0). Scores of 0.5 have less spread
+    # than Bernoulli draws of the same mean, which sqrt(p(1-p)/n) would claim.
+    s = np.array([0.5] * 8 + [1.0, 0.0])
+    lc = J.length_controlled(s, np.full(10, 7.0))
+    assert lc["lc_win_rate"] == pytest.approx(50.0, abs=1e-6)
+    assert lc["lc_se"] == pytest.approx(100 * s.std(ddof=0) / math.sqrt(10), rel=1e-3)
+    assert lc["lc_se"] < 100 * math.sqrt(0.25 / 10) / 2
+
+
+def test_length_controlled_rate_is_na_when_length_separates_the_verdicts():
+    # The longer answer always wins: the slope's likelihood has no maximum.
+    diff = np.array([-30.0, -10.0, -5.0, 5.0, 12.0, 40.0])
+    lc = J.length_controlled(np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]), diff)
+    assert lc["lc_separated"] and math.isnan(lc["lc_win_rate"]) and math.isnan(lc["lc_se"])
+    # A tie exactly at the threshold's length still separates; one away from it does not.
+    assert J.separated(np.array([-1.0, 0.0, 1.0]), np.array([0.0, 0.5, 1.0]))
+    assert not J.separated(np.array([-1.0, 0.5, 1.0, 2.0]), np.array([0.0, 0.5, 1.0, 0.0]))
+    assert J.separated(np.array([-1.0, 1.0]), np.array([1.0, 0.0]))  # the shorter always wins
+
+
+def test_passing_endpoint_failures_are_retried_and_others_are_not():
+    from judge_server import scripted_judge
+
+    with scripted_judge([(503, "overloaded"), (429, "slow down"), (200, "B")]) as (url, seen):
+        judge = J.EndpointJudge(url, "m", retries=2, backoff_s=0.01)
+        assert judge.ask("Which?") == "B" and len(seen) == 3
+    with scripted_judge([(500, "boom")]) as (url, seen):
+        with pytest.raises(J.JudgeError, match=r"HTTP 500: boom after 3 tries"):
+            J.EndpointJudge(url, "m", retries=2, backoff_s=0.01).ask("Which?")
+        assert len(seen) == 3
+    with scripted_judge([(400, "model 'm' does not exist"), (200, "A")]) as (url, seen):
+        with pytest.raises(J.JudgeError, match=r"HTTP 400: model 'm' does not exist$"):
+            J.EndpointJudge(url, "m", retries=2, backoff_s=0.01).ask("Which?")
+        assert len(seen) == 1  # a request the server refuses is not worth another try
