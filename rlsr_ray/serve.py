@@ -24,7 +24,8 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from ray import serve  # noqa: E402
 
-from rlsr_ray.chat_api import ApiError, ChatRequest, chat_response, models_response, parse_chat_request  # noqa: E402
+from rlsr_ray.chat_api import (ApiError, ChatRequest, chat_response, context_error, cut_at_stop,  # noqa: E402
+                               models_response, parse_chat_request)
 from rlsr_ray.serve_loopback import replica_grpc_on_loopback  # noqa: E402
 
 app = FastAPI(title="rlsr_ray policy server")
@@ -41,6 +42,11 @@ class PolicyServer:
         self.name, self.max_tokens_limit = name, max_tokens_limit
         self.rollout = RolloutActor(checkpoint, backend=backend, compute_dtype=compute_dtype, device=device,
                                     torch_threads=torch_threads, generate_batch_size=1)
+        from transformers import AutoConfig
+
+        # Prompt + answer must fit the positions the model has: past them an HF model fails inside
+        # its forward pass, which a client would see as a 500.
+        self.context = AutoConfig.from_pretrained(checkpoint).get_text_config().max_position_embeddings
         self.lock = asyncio.Lock()  # one generate at a time per replica; the rest wait their turn
 
     @app.get("/v1/models")
@@ -53,8 +59,11 @@ class PolicyServer:
             req = parse_chat_request(await request.body(), self.name, self.max_tokens_limit)
         except ApiError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        async with self.lock:  # the forward pass blocks: off the event loop
-            return await asyncio.to_thread(self._complete, req)
+        try:
+            async with self.lock:  # the forward pass blocks: off the event loop
+                return await asyncio.to_thread(self._complete, req)
+        except ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
 
     def _complete(self, req: ChatRequest) -> dict:
         from actors.sampling import SamplingSpec
@@ -62,11 +71,16 @@ class PolicyServer:
 
         tok = self.rollout.tok
         ids = chat_prompt_ids(tok, req.messages)
+        if len(ids) + req.max_tokens > self.context:
+            raise context_error(len(ids), req.max_tokens, self.context)
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
         sample = self.rollout.backend.generate([ids], SamplingSpec(1, req.max_tokens, req.temperature, req.top_p,
                                                                    seed))[0][0]
-        text = tok.decode(sample.response_ids, skip_special_tokens=True)
-        return chat_response(self.name, text, sample.finish_reason, len(ids), len(sample.response_ids))
+        text, stopped = cut_at_stop(tok.decode(sample.response_ids, skip_special_tokens=True), req.stop)
+        # Stop strings are matched in the decoded answer (the backends stop on EOS only); what
+        # follows a match is dropped and not counted.
+        tokens = len(tok(text, add_special_tokens=False)["input_ids"]) if stopped else len(sample.response_ids)
+        return chat_response(self.name, text, "stop" if stopped else sample.finish_reason, len(ids), tokens)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

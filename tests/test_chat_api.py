@@ -56,3 +56,41 @@ def test_response_bodies_follow_openai():
     assert r["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello."}, "finish_reason": "stop"}]
     assert r["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
     assert models_response("m")["data"][0]["id"] == "m"
+
+
+def test_fields_clients_rely_on_are_honoured():
+    r = parse({**GOOD, "max_completion_tokens": 9, "stop": ["\n\n", "END"], "logprobs": False,
+               "response_format": {"type": "text"}, "presence_penalty": 0, "user": "u1"})
+    assert r.max_tokens == 9 and r.stop == ("\n\n", "END")
+    assert parse({**GOOD, "stop": "###"}).stop == ("###",) and parse(GOOD).stop == ()
+    parts = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                                                     {"type": "text", "text": "there"}]}]}
+    assert parse(parts).messages == [{"role": "user", "content": "Hi there"}]
+
+
+@pytest.mark.parametrize("extra, param, words", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+    ({"logprobs": True}, "logprobs", "not supported"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
+    ({"functions": []}, "functions", "not supported"),
+    ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens", "disagree"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"stop": 5}, "stop", "a non-empty string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0]", "'image_url'"),
+])
+def test_unsupported_fields_are_refused_not_dropped(extra, param, words):
+    with pytest.raises(ApiError) as e:
+        parse({**GOOD, **extra})
+    assert e.value.status == 400 and e.value.param == param and words in str(e.value)
+
+
+def test_stop_strings_and_the_context_error_body():
+    from rlsr_ray.chat_api import context_error, cut_at_stop
+
+    assert cut_at_stop("a, b. c. d", (". ", ", ")) == ("a", True)
+    assert cut_at_stop("abc", ("x",)) == ("abc", False)
+    err = context_error(2000, 100, 2048).body()["error"]
+    assert err["code"] == "context_length_exceeded" and err["type"] == "invalid_request_error"
+    assert "context is 2048 tokens; the messages take 2000" in err["message"]

@@ -74,6 +74,15 @@ def test_concurrent_requests_all_answered(server):
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000000}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "temperature"),
     (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', 400, "tools"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}', 400,
+     "response_format"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400, "logprobs"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', 400,
+     "messages[0].content[0]"),
+    # The tiny model has 2,048 positions: the messages alone fill them.
+    (('{"messages": [{"role": "user", "content": "' + "word " * 2100 + '"}], "max_tokens": 8}').encode(), 400,
+     "messages"),
 ])
 def test_malformed_requests_get_a_4xx_and_the_server_goes_on(server, content, status, param):
     url, proc, _ = server
@@ -81,6 +90,20 @@ def test_malformed_requests_get_a_4xx_and_the_server_goes_on(server, content, st
     assert r.status_code == status and r.json()["error"]["param"] == param, r.text
     assert httpx.post(f"{url}/chat/completions", json=CHAT, timeout=60).status_code == 200
     assert proc.poll() is None
+
+
+def test_stop_max_completion_tokens_and_content_parts_are_honoured(server):
+    url, _, _ = server
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "color."}]}],
+             "temperature": 0, "max_completion_tokens": 12}
+    plain = httpx.post(f"{url}/chat/completions", json=parts, timeout=60)
+    assert plain.status_code == 200, plain.text
+    text = plain.json()["choices"][0]["message"]["content"]
+    assert 1 <= plain.json()["usage"]["completion_tokens"] <= 12 and len(text) >= 4
+    stop = text[2:4]  # greedy: the same answer again, now cut before the first occurrence of this
+    cut = httpx.post(f"{url}/chat/completions", json={**parts, "stop": [stop]}, timeout=60).json()
+    assert cut["choices"][0]["message"]["content"] == text[:text.find(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
 
 
 def test_listens_on_loopback_only(server):
