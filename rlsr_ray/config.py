@@ -150,7 +150,10 @@ class RewardServiceConfig:
     # cluster is used as it is, so several runs can share one service.
     enabled: bool = False
     app_name: str = "rlsr_reward"
-    max_batch_size: int = 8  # tables (from any run) embedded in one pass
+    max_batch_size: int = 8  # requests (from any run) embedded in one pass
+    # A run's rollouts go as requests of at most this many rows, all in flight at once, so one
+    # run's step spreads over replicas and its load alone can scale the service out.
+    request_rows: int = 64
     batch_wait_timeout_s: float = 0.01
     min_replicas: int = 1
     max_replicas: int = 1
@@ -442,6 +445,7 @@ def validate(cfg: Config) -> None:
              t.mini_batch_prompts)
     rs = cfg.reward_service
     need(rs.max_batch_size >= 1, "reward_service.max_batch_size", "must be >= 1", rs.max_batch_size)
+    need(rs.request_rows >= 1, "reward_service.request_rows", "must be >= 1", rs.request_rows)
     need(1 <= rs.min_replicas <= rs.max_replicas, "reward_service.min_replicas",
          f"must be in [1, reward_service.max_replicas={rs.max_replicas}]", rs.min_replicas)
     need(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", "must be >= 0", cfg.run.keep_checkpoints)

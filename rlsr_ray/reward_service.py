@@ -1,10 +1,13 @@
 """The RLSR reward as a Ray Serve deployment that several training runs on one cluster can share.
 
 Same scoring code as the reward pool (actors/reward.py: embedding cosine + LCS penalty, each
-reference embedded once per replica). Requests are whole ROLLOUTS tables; `@serve.batch` gathers
-the tables that arrive within `batch_wait_timeout_s` (up to `max_batch_size` of them, from any
-run) into one embedding pass and hands each caller back its own REWARDS table. Replicas
-autoscale between the bounds given to `deployment()`.
+reference embedded once per replica). A run sends its ROLLOUTS in requests of at most
+`request_rows` rows, all at once, so one run's step keeps several requests in flight: Serve's
+router spreads them over the replicas there are, and the autoscaler, which counts ongoing
+requests per replica (`target_ongoing_requests` = a batch's worth), adds replicas for a single
+run's load, not only for many runs'. `@serve.batch` gathers the requests that arrive within
+`batch_wait_timeout_s` (up to `max_batch_size` of them, from any run) into one embedding pass and
+hands each caller back its own REWARDS table.
 """
 import asyncio
 
@@ -27,9 +30,10 @@ class RewardService:
         self.score_batch.set_max_batch_size(max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.counts = {"batches": 0, "tables": 0, "rows": 0}  # what this replica has scored
+        self.replica = serve.get_replica_context().replica_id.unique_id
 
     async def stats(self) -> dict:
-        return dict(self.counts)
+        return {"replica": self.replica, **self.counts}
 
     async def score(self, rollouts: pa.Table) -> pa.Table:
         rollouts = batch.check(rollouts, batch.ROLLOUTS, "reward service input")
@@ -68,9 +72,9 @@ class ServicePool:
     size = 1
     deferred = True  # submit() returns before the work is done: time it at get()
 
-    def __init__(self, handle, call_timeout_s: float, owned: bool, app_name: str):
+    def __init__(self, handle, call_timeout_s: float, owned: bool, app_name: str, request_rows: int = 64):
         self.role, self.handle, self.call_timeout_s = "reward", handle, call_timeout_s
-        self.owned, self.app_name = owned, app_name
+        self.owned, self.app_name, self.request_rows = owned, app_name, request_rows
 
     def submit(self, method: str, per_actor_args: list[tuple]) -> list:
         if method not in ("score", "score_parts") or len(per_actor_args) != 1:
@@ -85,7 +89,10 @@ class ServicePool:
 
             tables = [ray.get(t) if isinstance(t, ray.ObjectRef) else t for t in args[1:]]
             args = (gather(tables, args[0], batch.ROLLOUTS),)
-        return [self.handle.score.remote(*args)]
+        (table,) = args
+        # One shard, sent as several requests: (a REWARDS row depends on its own ROLLOUTS row only).
+        starts = range(0, max(len(table), 1), self.request_rows)
+        return [[self.handle.score.remote(table.slice(i, self.request_rows)) for i in starts]]
 
     def get(self, results: list, what: str = "", submitted_at: float | None = None) -> list:
         import time
@@ -96,10 +103,10 @@ class ServicePool:
 
         start = time.monotonic() if submitted_at is None else submitted_at
         values = []
-        for r in results:
-            left = max(0.0, start + self.call_timeout_s - time.monotonic())
+        for parts in results:
             try:
-                values.append(r.result(timeout_s=left))
+                tables = [r.result(timeout_s=max(0.0, start + self.call_timeout_s - time.monotonic())) for r in parts]
+                values.append(pa.concat_tables(tables))
             except TimeoutError:
                 raise PoolTimeout(f"reward service {self.app_name!r}: no answer to {what} within "
                                   f"{self.call_timeout_s:.0f}s (ray.call_timeout_s)") from None
@@ -127,7 +134,8 @@ def connect(cfg, device: str) -> ServicePool:
 
     rs, p, a = cfg.reward_service, cfg.pools.reward, cfg.algo
     try:
-        return ServicePool(serve.get_app_handle(rs.app_name), cfg.ray.call_timeout_s, False, rs.app_name)
+        return ServicePool(serve.get_app_handle(rs.app_name), cfg.ray.call_timeout_s, False, rs.app_name,
+                           rs.request_rows)
     except (serve.exceptions.RayServeException, KeyError, ValueError):
         pass  # not running: deploy it
     serve.start(http_options={"location": "NoServer"})  # handles only: no HTTP port
@@ -138,4 +146,4 @@ def connect(cfg, device: str) -> ServicePool:
                      num_gpus=p.num_gpus, accelerator_type=p.accelerator_type,
                      device=device, torch_threads=p.torch_threads)
     handle = serve.run(app, name=rs.app_name, route_prefix=None)
-    return ServicePool(handle, cfg.ray.call_timeout_s, True, rs.app_name)
+    return ServicePool(handle, cfg.ray.call_timeout_s, True, rs.app_name, rs.request_rows)

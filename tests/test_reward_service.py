@@ -53,7 +53,8 @@ def test_service_rewards_equal_the_pool_rewards(service, minilm_path):
         for col in ("reward", "similarity"):
             np.testing.assert_allclose(served.column(col).to_numpy(), want.column(col).to_numpy(), atol=1e-6)
     assert got[0].column("reward").to_pylist()[2] == -1.0  # the copy penalty
-    assert service.stats.remote().result(timeout_s=30) == {"batches": 1, "tables": 2, "rows": 5}
+    stats = service.stats.remote().result(timeout_s=30)
+    assert {k: stats[k] for k in ("batches", "tables", "rows")} == {"batches": 1, "tables": 2, "rows": 5}
 
 
 def test_a_run_joins_a_running_service_and_leaves_it_running(service):
@@ -96,6 +97,38 @@ def test_a_tiny_run_with_the_service_matches_the_run_with_the_pool(tmp_path):
             assert b[k] == pytest.approx(a[k], abs=1e-6), (a["step"], k)
     for k in ("before_mean", "after_mean"):
         assert service_summary["heldout"][k] == pytest.approx(pool_summary["heldout"][k], abs=1e-6)
+
+
+def test_one_runs_step_is_spread_over_two_replicas(service, minilm_path):
+    """A run's table goes as several requests at once, so a second replica gets work from one run
+    (with one request per step, it would need a second run). Both replicas answer; the rewards
+    are the reward pool's, in the table's row order."""
+    from ray import serve
+
+    from rlsr_ray.reward_service import ServicePool, deployment
+
+    answers = ["It boils at 100 C.", "Bananas are yellow.", REF, "Water is wet.", "212 F at sea level.",
+               "Ice melts.", "Steam is hot.", "Boiling point: 100 C."]
+    table = rollouts(answers, [REF] * len(answers)).set_column(1, "sample_idx", pa.array(range(8), pa.int64()))
+    app = deployment(minilm_path, PenaltyRule(), max_batch_size=2, batch_wait_timeout_s=0.5, min_replicas=2,
+                     max_replicas=2, num_cpus=0.5)
+    handle = serve.run(app, name="rlsr_reward_two", route_prefix=None)
+    try:
+        pool = ServicePool(handle, 120.0, True, "rlsr_reward_two", request_rows=2)
+        (served,) = pool.call("score", [(table,)])
+        want = RewardActor(minilm_path, PenaltyRule()).score(table)
+        assert served.column("sample_idx").to_pylist() == list(range(8))
+        np.testing.assert_allclose(served.column("reward").to_numpy(), want.column("reward").to_numpy(), atol=1e-6)
+        seen: dict[str, dict] = {}
+        for _ in range(40):  # the router picks a replica per call: ask until both have answered
+            st = handle.stats.remote().result(timeout_s=30)
+            seen[st.pop("replica")] = st
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2 and all(st["tables"] > 0 for st in seen.values()), seen
+        assert sum(st["rows"] for st in seen.values()) == 8
+    finally:
+        serve.delete("rlsr_reward_two")
 
 
 def test_a_killed_replica_is_replaced_and_the_call_still_answered(service, local_ray):
