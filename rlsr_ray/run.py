@@ -66,7 +66,8 @@ def connect_ray(cfg: Config) -> bool:
         log.info("joined the running Ray cluster at %s", address)
         return False
     ray.init(address="local", num_cpus=local_num_cpus(cfg), include_dashboard=False, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+             _node_ip_address="127.0.0.1", log_to_driver=True,
+             runtime_env={"env_vars": WORKER_ENV, "worker_process_setup_hook": "rlsr_ray.ray_workers.setup"})
     log.info("started a local Ray instance with %d logical CPUs", local_num_cpus(cfg))
     return True
 

@@ -129,6 +129,9 @@ def _worker(job: dict[str, Any]) -> None:
                "step_s": time.perf_counter() - t0}
         if writer is not None:
             writer.write(row)
+            if job["progress"]:  # the driver's log shows it (log_to_driver), as rlsr_ray.run's bar does
+                print(f"sft step {step + 1}/{job['steps']}: loss {row['loss']:.4f} over {counted:.0f} answer tokens, "
+                      f"grad norm {row['grad_norm']:.3f}, {row['step_s']:.1f}s", flush=True)
         last = step + 1 == job["steps"]
         if last or (job["save_every"] and (step + 1) % job["save_every"] == 0):
             staged = out / "sft_staging" / f"step_{step + 1}"  # every rank writes its optimizer shard here
@@ -234,6 +237,7 @@ def run(cfg: Config) -> dict[str, Any]:
     job = {"policy": policy, "settings": settings, "device": _device(p), "threads": p.torch_threads,
            "cache_dir": cfg.model.cache_dir, "rows": ray.put(rows), "seed": cfg.run.seed, "steps": steps,
            "batch": min(s.batch_examples, len(rows)), "save_every": s.save_every, "output_dir": str(out),
+           "progress": cfg.run.progress,
            "final": str(out / "final")}
     workers = max(1, p.num_actors)
     resources = {"CPU": p.num_cpus, **({"GPU": p.num_gpus} if p.num_gpus else {}), **p.resources}
