@@ -109,7 +109,7 @@ def test_one_runs_step_is_spread_over_two_replicas(service, minilm_path):
 
     answers = ["It boils at 100 C.", "Bananas are yellow.", REF, "Water is wet.", "212 F at sea level.",
                "Ice melts.", "Steam is hot.", "Boiling point: 100 C."]
-    table = rollouts(answers, [REF] * len(answers)).set_column(1, "sample_idx", pa.array(range(8), pa.int64()))
+    table = rollouts(answers, [REF] * len(answers))
     app = deployment(minilm_path, PenaltyRule(), max_batch_size=2, batch_wait_timeout_s=0.5, min_replicas=2,
                      max_replicas=2, num_cpus=0.5)
     handle = serve.run(app, name="rlsr_reward_two", route_prefix=None)
