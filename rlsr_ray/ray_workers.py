@@ -2,10 +2,18 @@
 `worker_process_setup_hook`; a Ray the run joins is left as its owner configured it)."""
 import logging
 
+# Ray Train's PlacementGroupCleaner asks the State API once a second whether the training
+# controller still lives, and the controller stops it with a bounded wait at the end. The State
+# API is served by the dashboard, which a Ray started here does not run (README, Security), so
+# every ask fails with a warning (hundreds of lines per SFT run, burying its progress) and the
+# final stop may time out with a traceback. Neither matters here: the placement group goes with
+# this Ray when the command ends.
+CLEANER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                   "ray.train.v2._internal.callbacks.placement_group_callback")
+
 
 def setup() -> None:
-    # Ray Train's PlacementGroupCleaner asks the State API once a second whether the training
-    # controller still lives. The State API is served by the dashboard, which a Ray started here
-    # does not run (README, Security), so every ask fails and warns: hundreds of lines per SFT run
-    # burying its progress. The placement group goes with that Ray when the command ends.
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # A filter, not a level: Ray Train's logging.config.dictConfig on the controller resets the
+    # level of every logger under "ray.train", and leaves filters as they are.
+    for name in CLEANER_LOGGERS:
+        logging.getLogger(name).addFilter(lambda record: False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -229,6 +230,9 @@ def run(cfg: Config) -> dict[str, Any]:
     name = train_run_name(cfg, storage)
     steps = s.steps or math.ceil(len(rows) / s.batch_examples)
     out.mkdir(parents=True, exist_ok=True)
+    # Ray Train re-logs a worker's print() through its own logger, which Ray then shows beside the
+    # printed line: every progress line twice. Ray Train passes this variable on to its workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     started = connect_ray(cfg)
     import ray
 
