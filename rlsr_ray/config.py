@@ -370,6 +370,20 @@ def with_values(cfg: Config, values: dict[str, Any]) -> Config:
     return out
 
 
+def pool_device(pool: PoolConfig) -> str:
+    """Where a pool's actors compute: its `device`, or with "auto" CUDA when they hold GPUs."""
+    if pool.device != "auto":
+        return pool.device
+    return "cuda" if pool.num_gpus > 0 else "cpu"
+
+
+def uses_weight_route(cfg: Config) -> bool:
+    """Whether weights go learner -> rollout over the weight route (else the object store)."""
+    r, p = cfg.rollout, cfg.pools
+    cuda = pool_device(p.learner) == "cuda" and pool_device(p.rollout) == "cuda"
+    return r.weight_sync == "group" or (r.weight_sync == "auto" and cuda)
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
 
@@ -401,6 +415,12 @@ def validate(cfg: Config) -> None:
     # generated a stale rollout, so the ratio would no longer correct for the staleness.
     need(a.max_staleness == 0 or not a.recompute_old_logprobs, "algo.max_staleness",
          "off-policy rollouts need their own log-probs: set algo.recompute_old_logprobs=false", a.max_staleness)
+    # A broadcast over the weight route is a collective with every rollout actor, so it waits for
+    # all the generations queued on them: with k >= 2 the learners would idle as with k = 1, on
+    # older rollouts. The object store's load queues behind them without holding the learners.
+    need(a.max_staleness <= 1 or not uses_weight_route(cfg), "algo.max_staleness",
+         "k >= 2 overlaps only with rollout.weight_sync=object_store (a broadcast over the weight route waits "
+         "for every generation queued before it)", a.max_staleness)
     need(a.group_spread_rtol >= 0, "algo.group_spread_rtol", "must be >= 0", a.group_spread_rtol)
     need(a.max_refill_rounds >= 0, "algo.max_refill_rounds", "must be >= 0", a.max_refill_rounds)
     need(cfg.sft.steps >= 0, "sft.steps", "must be >= 0", cfg.sft.steps)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rlsr_ray.config import Config, ConfigError, load_config
+from rlsr_ray.config import Config, ConfigError, load_config, pool_device
 
 log = logging.getLogger("rlsr_ray")
 
@@ -156,12 +156,11 @@ def generate_all(cfg: Config, checkpoints: list[tuple[str, str]], prompts: Promp
 def make_judge(cfg: Config):
     """The configured judge, checked before any answer is generated (None: no judge)."""
     from rlsr_ray import judge as J
-    from rlsr_ray.run import _device
 
     e = cfg.eval
     J.load_template(e.judge_prompt)
     jd = J.make_judge(e.judge, e.judge_model, e.judge_api_key_env, e.judge_timeout_s, cfg.model.cache_dir,
-                      _device(cfg.pools.reward), e.judge_retries)
+                      pool_device(cfg.pools.reward), e.judge_retries)
     if isinstance(jd, J.EndpointJudge):  # an unreachable, refusing or unreadable endpoint fails here
         reply = jd.ask(PING)
         if J.parse_verdict(reply) is None:

@@ -40,6 +40,11 @@ class Pools:
     route: WeightRoute | None = None  # learner rank 0 -> rollout actors; None: object store only
     policy_version: int = 0  # the version every rollout actor should hold (set by sync_weights)
     in_flight: list[Any] = field(default_factory=list)  # summary refs of generations submitted
+    # Off-policy with k >= 2: an object-store sync is queued behind the generations already on
+    # the rollout actors and not waited for, so the learners train the next step meanwhile.
+    # Its calls are checked at the next sync (or settle_loads), by when they have long finished.
+    defer_loads: bool = False
+    pending_loads: list[Any] = field(default_factory=list)
 
     def all(self) -> list[Pool]:
         return [self.rollout, self.reward, self.reference, self.learner]
@@ -202,6 +207,7 @@ def sync_weights(pools: Pools, version: int) -> dict[str, Any]:
     """Learner weights to every rollout actor: over the weight route when it is open, else through
     the object store, after which the route is opened (again) for the next sync."""
     route = pools.route
+    settle_loads(pools)
     if route is not None:
         _drain(pools)
     stats = route.sync(pools.learner, pools.rollout, version) if route is not None else None
@@ -227,6 +233,13 @@ def _drain(pools: Pools) -> None:
     pools.in_flight.clear()  # failures are reported by finish_generation, which reads them
 
 
+def settle_loads(pools: Pools) -> None:
+    """Wait for (and check) the object-store loads a sync left queued on the rollout actors."""
+    if pools.pending_loads:
+        loads, pools.pending_loads = pools.pending_loads, []
+        pools.rollout.get(loads, "load_weights")
+
+
 def _sync_through_object_store(pools: Pools, version: int) -> dict[str, Any]:
     if pools.learner.remote:  # rank 0 puts its export itself: the driver holds a reference only
         ref, nbytes = pools.learner.call("publish_weights", [()] * pools.learner.size)[0]  # all ranks: ZeRO-3
@@ -235,7 +248,11 @@ def _sync_through_object_store(pools: Pools, version: int) -> dict[str, Any]:
         state = pools.learner.call("export_weights", [()] * pools.learner.size)[0]
         nbytes = sum(v.nbytes for v in state.values())
         weights = put(pools.rollout, [state])[0]  # put once, not once per rollout actor
-    pools.rollout.get(pools.rollout.broadcast("load_weights", weights, version), "load_weights")
+    loads = pools.rollout.broadcast("load_weights", weights, version)
+    if pools.defer_loads and pools.rollout.remote:  # generations queued after these run on the new weights
+        pools.pending_loads = loads
+    else:
+        pools.rollout.get(loads, "load_weights")
     return {"weight_sync_path": "object_store", "weight_sync_mb": nbytes / 1e6}
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from actors.pool import WORKER_ENV
-from rlsr_ray.config import Config, ConfigError, load_config, preset_names
+from rlsr_ray.config import Config, ConfigError, load_config, pool_device, preset_names, uses_weight_route
 
 log = logging.getLogger("rlsr_ray")
 
@@ -86,12 +86,6 @@ def _single_node_mode() -> None:
         ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def _device(pool) -> str:
-    if pool.device != "auto":
-        return pool.device
-    return "cuda" if pool.num_gpus > 0 else "cpu"
-
-
 def learner_settings(cfg: Config, lr: float, micro_steps: int):
     """The learner's settings from the config (rlsr_ray.sft passes its own learning rate)."""
     from actors.learner import LearnerSettings
@@ -119,7 +113,7 @@ def start_learners(cfg: Config, policy_path: str):
     # No Ray restarts: a learner group is rebuilt whole and reloaded from a checkpoint (trainer.py).
     learner = Pool("learner", LearnerActor, p, dict(
         policy_path=policy_path, settings=settings, world_size=plan.learner_world_size,
-        device=_device(p), torch_threads=p.torch_threads, cache_dir=cfg.model.cache_dir),
+        device=pool_device(p), torch_threads=p.torch_threads, cache_dir=cfg.model.cache_dir),
         ray_restarts=False, **_timeouts(cfg))
     meet = learner.call("rendezvous", [()] * learner.size)[0]  # rank 0's choice for everyone
     return learner, learner.broadcast("setup", meet)
@@ -140,7 +134,7 @@ def rollout_pool(cfg: Config, policy_path: str):
     p, r = cfg.pools.rollout, cfg.rollout
     return Pool("rollout", RolloutActor, p, dict(
         policy_path=policy_path, backend=r.backend, compute_dtype=cfg.model.compute_dtype,
-        device=_device(p), torch_threads=p.torch_threads, generate_batch_size=r.generate_batch_size,
+        device=pool_device(p), torch_threads=p.torch_threads, generate_batch_size=r.generate_batch_size,
         vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization, seed=cfg.run.seed), **_timeouts(cfg))
 
 
@@ -154,10 +148,10 @@ def reward_pool(cfg: Config, reward_path: str):
     if cfg.reward_service.enabled:
         from rlsr_ray import reward_service
 
-        return reward_service.connect(cfg, _device(p))
+        return reward_service.connect(cfg, pool_device(p))
     return Pool("reward", RewardActor, p, dict(
         model_path=reward_path, rule=PenaltyRule(a.lcs_min_chars, a.lcs_min_fraction, a.lcs_penalty),
-        device=_device(p), torch_threads=p.torch_threads), **_timeouts(cfg))
+        device=pool_device(p), torch_threads=p.torch_threads), **_timeouts(cfg))
 
 
 def build_pools(cfg: Config, policy_path: str, reward_path: str):
@@ -172,11 +166,12 @@ def build_pools(cfg: Config, policy_path: str, reward_path: str):
     rollout = rollout_pool(cfg, policy_path)
     reward = reward_pool(cfg, reward_path)
     reference = Pool("reference", ReferenceActor, p.reference, dict(
-        policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=_device(p.reference),
+        policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=pool_device(p.reference),
         torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
         temperature=_temperature(cfg)), **_timeouts(cfg))
     learner.get(setup, "setup")
-    pools = Pools(rollout, reward, reference, learner, route=weight_route(cfg))
+    pools = Pools(rollout, reward, reference, learner, route=weight_route(cfg),
+                  defer_loads=cfg.algo.max_staleness >= 2)
     if pools.route is not None and pools.route.usable(learner, rollout):
         pools.route.open(learner, rollout)  # both start from the same policy: nothing to send yet
     return pools, step_plan(cfg)
@@ -186,12 +181,11 @@ def weight_route(cfg: Config):
     from rlsr_ray.weight_route import WeightRoute
 
     r, p = cfg.rollout, cfg.pools
-    cuda = _device(p.learner) == "cuda" and _device(p.rollout) == "cuda"
-    if r.weight_sync == "object_store" or (r.weight_sync == "auto" and not cuda):
+    if not uses_weight_route(cfg):
         return None
     backend = r.weight_sync_backend
     if backend == "auto":
-        backend = "nccl" if cuda else "gloo"
+        backend = "nccl" if pool_device(p.learner) == "cuda" and pool_device(p.rollout) == "cuda" else "gloo"
     return WeightRoute(backend, int(r.weight_bucket_mb * 1e6), r.weight_sync_timeout_s)
 
 

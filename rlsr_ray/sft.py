@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rlsr_ray.config import Config, ConfigError, load_config
+from rlsr_ray.config import Config, ConfigError, load_config, pool_device
 
 log = logging.getLogger("rlsr_ray")
 
@@ -219,7 +219,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from rlsr_ray.models import resolve_policy
-    from rlsr_ray.run import _device, connect_ray, learner_settings
+    from rlsr_ray.run import connect_ray, learner_settings
 
     t0 = time.perf_counter()
     out = Path(cfg.run.output_dir).expanduser().resolve()  # Ray Train needs an absolute storage path
@@ -238,7 +238,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     p = cfg.pools.learner
     settings = learner_settings(cfg, lr=s.lr, micro_steps=1)
-    job = {"policy": policy, "settings": settings, "device": _device(p), "threads": p.torch_threads,
+    job = {"policy": policy, "settings": settings, "device": pool_device(p), "threads": p.torch_threads,
            "cache_dir": cfg.model.cache_dir, "rows": ray.put(rows), "seed": cfg.run.seed, "steps": steps,
            "batch": min(s.batch_examples, len(rows)), "save_every": s.save_every, "output_dir": str(out),
            "progress": cfg.run.progress,

@@ -20,6 +20,7 @@ from actors.pool import ActorFailure, PoolTimeout
 from rlsr_ray import checkpoint, data
 from rlsr_ray.config import Config
 from rlsr_ray.loop import Pools, rlsr_step, sync_weights
+from rlsr_ray.pipeline import settle_loads
 from rlsr_ray.schedule import Schedule
 from rlsr_ray.metrics import MetricsWriter, truncate_metrics
 from rlsr_ray.plan import StepPlan, step_plan
@@ -163,6 +164,7 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row.get('kl', float('nan')):.4f}",
                             len=f"{row['response_length_mean']:.0f}")
+        settle_loads(pools)  # the last sync's load, where it was left queued (algo.max_staleness >= 2)
     finally:
         writer.close()
         bar.close()

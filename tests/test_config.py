@@ -41,6 +41,12 @@ def test_overrides_apply_with_types():
      "rollout.top_p: 0.9 is out of range; the vllm backend with top_p < 1 needs algo.recompute_old_logprobs=true"),
     (["--model.compute_dtype=float16"], "model.compute_dtype: 'float16' is not allowed"),
     (["--train.optimizer=adam"], "train.optimizer: 'adam' is not allowed"),
+    (["--algo.max_staleness=2", "--rollout.weight_sync=group"],
+     "algo.max_staleness: 2 is out of range; k >= 2 overlaps only with rollout.weight_sync=object_store"),
+    (["--algo.max_staleness=2", "--pools.learner.num_gpus=1", "--pools.rollout.num_gpus=1"],
+     "k >= 2 overlaps only"),  # auto on CUDA: the route
+    (["--pools.reward.call_timeout_s=0"], "pools.reward.call_timeout_s: 0.0 is out of range; must be > 0"),
+    (["--eval.judge_retries=-1"], "eval.judge_retries"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")) as e:
