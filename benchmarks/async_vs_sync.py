@@ -1,4 +1,4 @@
-"""On-policy (algo.max_staleness=0) against one-step off-policy overlap (=1), same box, same run.
+"""On-policy (algo.max_staleness=0) against off-policy overlap (=1, or any k), same box, same run.
 
 Each layout runs the same preset twice, once per mode, one after the other, and reports the
 median step time, samples/s over all steps, the time waiting for rollouts, and the held-out
@@ -10,6 +10,7 @@ similarity delta (when evaluation is on). Layouts:
               a core of their own while they overlap
 
     python benchmarks/async_vs_sync.py --layouts default own_cores --out benchmarks/results/async_cpu.json
+    python benchmarks/async_vs_sync.py --preset tiny --layouts own_cores --staleness 1 2 --steps 12 --no-eval
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--steps", type=int, default=None, help="override run.steps (default: the preset's)")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    ap.add_argument("--staleness", nargs="+", type=int, default=[0, 1], help="algo.max_staleness values; the "
+                    "first is the baseline of the speed-up")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     common = ([f"--run.steps={args.steps}"] if args.steps else []) + \
@@ -69,15 +72,18 @@ def main() -> None:
     results: dict = {"preset": args.preset, "common": common}
     with tempfile.TemporaryDirectory() as tmp:
         for layout in args.layouts:
-            for k in (0, 1):
+            base = args.staleness[0]
+            for k in args.staleness:
                 name = f"{layout}/staleness{k}"
                 r = run(args.preset, [*LAYOUTS[layout], *common, f"--algo.max_staleness={k}"],
                         Path(tmp) / name.replace("/", "_"))
                 results[name] = r
                 print(name, json.dumps(r), flush=True)
-            s0, s1 = results[f"{layout}/staleness0"], results[f"{layout}/staleness1"]
-            results[f"{layout}/speedup"] = s0["step_s_total"] / s1["step_s_total"]
-            print(f"{layout}: async / sync samples per second = {results[f'{layout}/speedup']:.2f}", flush=True)
+            for k in args.staleness[1:]:
+                ratio = results[f"{layout}/staleness{base}"]["step_s_total"] / results[f"{layout}/staleness{k}"]["step_s_total"]
+                key = "speedup" if (base, k) == (0, 1) else f"speedup_{k}_over_{base}"
+                results[f"{layout}/{key}"] = ratio
+                print(f"{layout}: step time, staleness {base} / staleness {k} = {ratio:.2f}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 
