@@ -10,7 +10,8 @@ similarity delta (when evaluation is on). Layouts:
               a core of their own while they overlap
 
     python benchmarks/async_vs_sync.py --layouts default own_cores --out benchmarks/results/async_cpu.json
-    python benchmarks/async_vs_sync.py --preset tiny --layouts own_cores --staleness 1 2 --steps 12 --no-eval
+    python benchmarks/async_vs_sync.py --preset tiny --layouts own_cores --staleness 1 2 --steps 12 --no-eval \
+        --set rollout.max_new_tokens=64
 """
 from __future__ import annotations
 
@@ -66,9 +67,10 @@ def main() -> None:
     ap.add_argument("--staleness", nargs="+", type=int, default=[0, 1], help="algo.max_staleness values; the "
                     "first is the baseline of the speed-up")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="further overrides, e.g. rollout.max_new_tokens=48")
     args = ap.parse_args()
     common = ([f"--run.steps={args.steps}"] if args.steps else []) + \
-        (["--run.eval_before_after=false"] if args.no_eval else [])
+        (["--run.eval_before_after=false"] if args.no_eval else []) + [f"--{kv}" for kv in args.set]
     results: dict = {"preset": args.preset, "common": common}
     with tempfile.TemporaryDirectory() as tmp:
         for layout in args.layouts:
