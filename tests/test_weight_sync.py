@@ -1,12 +1,11 @@
-"""The weight route's pure parts: specs, bucket plans, packing, and what crosses vLLM's RPC."""
+"""The weight route's pure parts: specs, bucket plans, packing, the NCCL group's options. What
+crosses vLLM's RPC is checked with vLLM's own encoder in test_vllm_api.py."""
 from __future__ import annotations
 
-import msgpack
 import pytest
 import torch
 
-from actors.vllm_backend import specs_from_rpc, specs_to_rpc
-from rlsr_ray.weight_sync import RouteSettings, TensorSpec, bucket_plan, pack, tensor_specs, unpack
+from rlsr_ray.weight_sync import TensorSpec, bucket_plan, pack, tensor_specs, unpack
 
 
 def test_tensor_specs_keep_order_and_send_tied_weights_once():
@@ -32,17 +31,6 @@ def test_pack_unpack_round_trip_in_the_wire_dtype():
     assert torch.equal(ua, a.to(torch.bfloat16)) and torch.equal(ub, b.to(torch.bfloat16))
     with pytest.raises(ValueError, match="holds 11 values, specs need 6"):
         unpack(flat, [TensorSpec("a", (2, 3))])
-
-
-def test_only_plain_values_cross_vllms_rpc():
-    """vLLM's multiprocess engine msgpack-encodes collective_rpc arguments and decodes them untyped:
-    what the backend sends must come back equal from a plain msgpack round trip."""
-    specs = [TensorSpec("model.embed_tokens.weight", (151936, 896)), TensorSpec("model.norm.weight", (896,))]
-    settings = RouteSettings(world_size=3, backend="nccl", dtype="bfloat16", bucket_bytes=256_000_000, timeout_s=300.0)
-    payload = ["tcp://10.0.0.1:29500", 1, settings.to_list(), specs_to_rpc(specs)]
-    decoded = msgpack.unpackb(msgpack.packb(payload))
-    assert decoded == payload
-    assert specs_from_rpc(decoded[3]) == specs and RouteSettings(*decoded[2]) == settings
 
 
 def test_the_nccl_route_fails_after_the_configured_timeout_not_torchs_ten_minutes():
