@@ -126,10 +126,11 @@ def _max_tokens(body: dict, limit: int) -> int:
 
 
 def _stop(value: Any) -> tuple[str, ...]:
-    stops = [value] if isinstance(value, str) else value if isinstance(value, list) else None if value is None else 0
-    if stops is None:
+    """`stop`: absent, one string, or a list of up to MAX_STOP non-empty strings."""
+    if value is None:
         return ()
-    if stops == 0 or not all(isinstance(x, str) and x for x in stops) or len(stops) > MAX_STOP:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops) or len(stops) > MAX_STOP:
         raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them, got {value!r}",
                        "stop")
     return tuple(stops)
