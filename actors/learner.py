@@ -99,16 +99,14 @@ class LearnerActor:
             return "file://" + os.path.join(tempfile.gettempdir(), f"rlsr_ray_rdzv_{secrets.token_hex(8)}")
         return f"tcp://[{host}]:{_free_port()}" if ":" in host else f"tcp://{host}:{_free_port()}"
 
-    def setup(self, init_method: str | None) -> None:
-        """Join the group at init_method (from rendezvous), or with None the process group that
-        already exists in this process (a Ray Train worker's), and build the DeepSpeed engine."""
+    def setup(self, init_method: str) -> None:
+        """Join the group at init_method (from rank 0's rendezvous) and build the DeepSpeed engine."""
         import deepspeed
 
         # The CPU shared-memory comm op is JIT-built on first use (~1 min): keep it across runs.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(self.cache_dir / "torch_extensions"))
         index = cuda_index(self.device)
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(index))
-        init_method = init_method or ""
         if init_method.startswith("tcp://"):  # DeepSpeed's comm helpers also read these
             host, _, port = init_method[len("tcp://"):].rpartition(":")
             os.environ.update(MASTER_ADDR=host.strip("[]"), MASTER_PORT=port)
@@ -116,7 +114,7 @@ class LearnerActor:
         if cuda:
             torch.cuda.set_device(index)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
-                                   init_method=init_method or None, rank=self.rank, world_size=self.world_size)
+                                   init_method=init_method, rank=self.rank, world_size=self.world_size)
         s = self.s
         config = {
             "train_micro_batch_size_per_gpu": s.micro_batch_size,

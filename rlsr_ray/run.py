@@ -47,8 +47,12 @@ def running_cluster_address() -> str | None:
     return address
 
 
+_LOCAL_RAY = False  # the Ray this process is connected to is one connect_ray started
+
+
 def connect_ray(cfg: Config) -> bool:
     """Join a cluster if one is reachable, else start a local one. Returns True if started here."""
+    global _LOCAL_RAY
     from rlsr_ray.plan import local_num_cpus
 
     if cfg.ray.address == "local":
@@ -63,13 +67,27 @@ def connect_ray(cfg: Config) -> bool:
         return False
     if address:
         ray.init(address=address, log_to_driver=True)
+        _LOCAL_RAY = False
         log.info("joined the running Ray cluster at %s", address)
         return False
+    env = dict(WORKER_ENV)
+    if sys.platform == "linux":
+        # Gloo binds its pairs to the address the host name resolves to, on some machines a
+        # routable one; every rank of a local Ray is on this machine.
+        env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
     ray.init(address="local", num_cpus=local_num_cpus(cfg), include_dashboard=False, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": WORKER_ENV, "worker_process_setup_hook": "rlsr_ray.ray_workers.setup"})
+             _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": env})
+    _LOCAL_RAY = True
     log.info("started a local Ray instance with %d logical CPUs", local_num_cpus(cfg))
     return True
+
+
+def on_local_ray() -> bool:
+    """Whether this process is connected to a local Ray that connect_ray started (it goes away
+    with the command), not to a cluster it joined."""
+    import ray
+
+    return _LOCAL_RAY and ray.is_initialized()
 
 
 def _single_node_mode() -> None:

@@ -2,9 +2,10 @@
 
 The same config, presets and data formats as `rlsr_ray.run`. The policy learns the reference
 answers of the training split (the held-out split stays out): cross-entropy on the answer tokens
-only, the prompt masked (actors/objectives.SFT). Workers are Ray Train `TorchTrainer` workers
-placed like pools.learner; each runs the learner pool's own DeepSpeed engine (a LearnerActor on the
-process group Ray Train made), so SFT and RLSR train through the same code. Each global batch is
+only, the prompt masked (actors/objectives.SFT). Workers are Ray Train workers placed like
+pools.learner; each runs the learner pool's own DeepSpeed engine (a LearnerActor, its group met as
+the learner pool's meets: rank 0's rendezvous, handed to the others by Ray Train), so SFT and
+RLSR train through the same code. Each global batch is
 sorted by length before it is split over workers and micro-batches, so padding stays small. The
 result is an HF folder, `<run.output_dir>/final`, that `rlsr_ray.run --model.policy=PATH` and
 plain transformers load.
@@ -88,11 +89,13 @@ def worker_shares(rows: pa.Table, indices: list[int], world: int, micro_batch_si
 
 
 def _worker(job: dict[str, Any]) -> None:
-    """One Ray Train worker: a LearnerActor on Ray Train's process group, SFT steps from the newest
+    """One Ray Train worker: a LearnerActor in a group met at rank 0's rendezvous (the learner
+    pool's own: a file store on a local Ray, whose ports all stay on loopback), SFT steps from the newest
     checkpoint Ray Train holds for this run (none: from the start) to job["steps"]."""
     import ray
     import ray.train
     from ray.train import Checkpoint
+    from ray.train.collective import broadcast_from_rank_zero
 
     from actors.learner import LearnerActor
     from rlsr_ray import data
@@ -103,7 +106,7 @@ def _worker(job: dict[str, Any]) -> None:
     device = worker_device(job["device"])
     lrn = LearnerActor(job["policy"], job["settings"], world_size=world, device=device,
                        torch_threads=job["threads"], cache_dir=job["cache_dir"], rank=rank)
-    lrn.setup(None)
+    lrn.setup(broadcast_from_rank_zero(lrn.rendezvous() if rank == 0 else None))
     start, cursor_state = 0, {}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:  # a restarted worker group, or run.resume: weights, optimizer, RNG, cursor
@@ -214,12 +217,31 @@ def require_final(final: Path, name: str) -> None:
                        "their node; put run.output_dir on storage every node shares (e.g. NFS)")
 
 
+def trainer(local_ray: bool, *args, **kwargs):
+    """A Ray Train trainer that leaves the process group to the workers (Ray Train's TorchTrainer
+    would meet them at a TCP store listening on every interface); on a local Ray that this command
+    started, without Ray Train's PlacementGroupCleaner. The cleaner removes the workers' placement
+    group should the training controller die, and asks the State API every second whether it still
+    lives; the State API is served by the dashboard, which a local Ray started here does not run
+    (README, Security). Each ask then fails slowly, and the controller waits for the cleaner's
+    current ask to end before it returns (~12 s per SFT run) and floods the log with warnings. The
+    placement group of a local Ray goes with that Ray when the command ends."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    class Trainer(DataParallelTrainer):
+        def _create_default_callbacks(self):
+            found = super()._create_default_callbacks()
+            return [c for c in found if not (local_ray and isinstance(c, PlacementGroupCleanerCallback))]
+
+    return Trainer(*args, **kwargs)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
 
     from rlsr_ray.models import resolve_policy
-    from rlsr_ray.run import connect_ray, learner_settings
+    from rlsr_ray.run import connect_ray, learner_settings, on_local_ray
 
     t0 = time.perf_counter()
     out = Path(cfg.run.output_dir).expanduser().resolve()  # Ray Train needs an absolute storage path
@@ -245,8 +267,8 @@ def run(cfg: Config) -> dict[str, Any]:
            "final": str(out / "final")}
     workers = max(1, p.num_actors)
     resources = {"CPU": p.num_cpus, **({"GPU": p.num_gpus} if p.num_gpus else {}), **p.resources}
-    trainer = TorchTrainer(
-        _worker, train_loop_config=job,
+    sft_trainer = trainer(
+        on_local_ray(), _worker, train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=p.num_gpus > 0, resources_per_worker=resources,
                                      accelerator_type=p.accelerator_type),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=s.max_failures),
@@ -254,7 +276,7 @@ def run(cfg: Config) -> dict[str, Any]:
     log.info("sft: %d examples, %d steps of %d on %d worker(s); Ray Train run %s under %s", len(rows), steps,
              job["batch"], workers, name, storage)
     try:
-        result = trainer.fit()
+        result = sft_trainer.fit()
     except TrainingFailedError as e:
         cause = str(e).strip().splitlines()
         raise SftError(f"SFT run {name} failed: {cause[-1] if cause else type(e).__name__}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+
 def session_listeners(session: int) -> list[tuple[str, int]]:
     """(address, pid) of every listening TCP socket held by a process of this session (from /proc)."""
     inodes = {}
@@ -26,6 +27,14 @@ def session_listeners(session: int) -> list[tuple[str, int]]:
             if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
                 found.append((fields[1].rsplit(":", 1)[0], inodes[fields[9]]))
     return found
+
+
+def own_ray_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a command whose Ray's sockets are read: without the
+    variables that would put that Ray on loopback for it (a fixture here may have set them) or
+    send it to another cluster; the command has to do it itself."""
+    drop = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 
 LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}

@@ -7,12 +7,16 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from listeners import LOOPBACK, own_ray_env, session_listeners
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +31,37 @@ def _lookup(root: Path, source: str):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
+    """The comparison's folder and summary, and every socket its session listened on, read each
+    second through all its stages (SFT on Ray Train, two RLSR runs, the evaluation)."""
     out = tmp_path_factory.mktemp("compare")
+    log = out.parent / "compare.log"
     # A local judge so the win-rate table is built too; the tiny random model is no judge, and
     # the report must say so.
-    done = subprocess.run([sys.executable, "-m", "rlsr_ray.compare", "tiny", "--ray.address=local",
-                           f"--run.output_dir={out}", "--eval.judge=tiny-random"],
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, json.loads((out / "compare_summary.json").read_text())
+    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.compare", "tiny", "--ray.address=local",
+                             f"--run.output_dir={out}", "--eval.judge=tiny-random"],
+                            env=own_ray_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    seen: set[tuple[str, int]] = set()
+    try:
+        deadline = time.monotonic() + 900
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            seen.update(session_listeners(proc.pid))
+            time.sleep(1.0)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    return out, json.loads((out / "compare_summary.json").read_text()), seen
+
+
+def test_the_local_ray_of_every_stage_listens_on_loopback_only(finished):
+    _, _, seen = finished
+    assert len(seen) >= 5, seen
+    assert sorted((a, pid) for a, pid in seen if a not in LOOPBACK) == []
 
 
 def test_rlsr_from_sft_starts_from_and_is_anchored_to_the_sft_policy(finished):
-    out, result = finished
+    out, result, _ = finished
     assert result["checkpoints"]["sft"] == str(out / "sft" / "final")
     state = json.loads((Path(result["checkpoints"]["sft_rlsr"]) / "trainer_state.json").read_text())
     assert state["reference_policy"] == str((out / "sft" / "final").resolve())
@@ -47,7 +70,7 @@ def test_rlsr_from_sft_starts_from_and_is_anchored_to_the_sft_policy(finished):
 
 
 def test_every_figure_and_number_in_the_report_comes_from_the_files(finished):
-    out, _ = finished
+    out, _, _ = finished
     page = (out / "report.html").read_text()
     figures = re.findall(r'<figure data-file="([^"]+)"><img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
     assert {Path(f).stem for f, _ in figures} == {"reward_mean", "kl", "response_length_mean", "loss"}
@@ -70,7 +93,7 @@ def test_every_figure_and_number_in_the_report_comes_from_the_files(finished):
 
 
 def test_a_finished_comparison_keeps_its_arms(finished):
-    out, _ = finished
+    out, _, _ = finished
     before = (out / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
     # Nothing left to train, and the eval's pools in this process: no Ray is started at all.
     done = subprocess.run([sys.executable, "-m", "rlsr_ray.compare", "tiny", "--ray.address=local",

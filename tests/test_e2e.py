@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from listeners import LOOPBACK, session_listeners
+from listeners import LOOPBACK
 
 pytestmark = pytest.mark.slow
 
@@ -34,23 +34,8 @@ def _check_outputs(out: Path, steps: int) -> dict:
     return summary
 
 
-def test_tiny_preset_on_local_ray(tmp_path):
-    out = tmp_path / "run"
-    secret = "5ecre7" + os.urandom(13).hex()
-    log = tmp_path / "driver.log"
-    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", "tiny", f"--run.output_dir={out}", "--run.steps=3"],
-                            env={**ENV, "RAY_AUTH_TOKEN": secret}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        listeners = session_listeners(proc.pid)  # mid-run: Ray, its agents and all four pools are up
-        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
+def test_tiny_preset_on_local_ray(tiny_run):
+    out, text, secret, listeners = tiny_run
     assert "started a local Ray instance" in text
     summary = _check_outputs(out, 3)
     # Security: the Ray started here listens on loopback only, and the auth token never reaches a

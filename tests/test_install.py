@@ -78,13 +78,26 @@ def test_only_contained_requirement_sets_are_skipped():
     assert skipped == {shlex.join(["-e", ".[cpu]"])}, skipped
 
 
+@pytest.fixture(scope="module")
+def resolved(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every resolver run at once: each spends much of its time waiting on the registry."""
+    runs = {}
+    for i, args in enumerate(lines_to_resolve()):
+        report = tmp_path_factory.mktemp(f"resolve{i}") / "report.json"
+        proc = subprocess.Popen([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+                                 "--disable-pip-version-check", "--report", str(report), *shlex.split(args)],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        runs[args] = (proc, report)
+    done = {}
+    for args, (proc, report) in runs.items():
+        out, err = proc.communicate(timeout=900)
+        done[args] = (subprocess.CompletedProcess(proc.args, proc.returncode, out, err), report)
+    return done
+
+
 @pytest.mark.parametrize("args", lines_to_resolve())
-def test_install_line_resolves(args, tmp_path):
-    report = tmp_path / "report.json"
-    argv = shlex.split(args)
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
-                           "--disable-pip-version-check", "--report", str(report), *argv],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+def test_install_line_resolves(args, resolved):
+    proc, report = resolved[args]
     errors = [x for x in proc.stderr.splitlines() if "ERROR" in x or "conflict" in x.lower()]
     assert proc.returncode == 0, f"pip install {args}: " + " | ".join(errors or proc.stderr.splitlines()[-5:])
     versions = {i["metadata"]["name"].lower(): i["metadata"]["version"]

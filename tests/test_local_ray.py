@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from listeners import LOOPBACK, session_listeners
+from listeners import LOOPBACK, own_ray_env, session_listeners
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +36,8 @@ time.sleep(120)
 
 
 def test_a_local_ray_started_after_importing_ray_listens_on_loopback_only(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
     log = tmp_path / "driver.log"
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, stdout=open(log, "w"),
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], env=own_ray_env(), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

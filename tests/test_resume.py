@@ -20,12 +20,13 @@ COMPARED = ("loss", "pg_loss", "kl", "reward_mean", "reward_std", "similarity_me
             "refill_prompts", "train_groups")
 
 
-# ZeRO-0 keeps one optimizer copy; ZeRO-3 over two learners stores a partition per rank and
-# restores parameters from them.
-# "async": rollouts generated up to 2 steps ahead (saved with each checkpoint) and dynamic
-# sampling refilling dropped groups from further prompts (past the saved data cursor).
-LAYOUTS = {"zero0": [], "zero3x2": ["--train.zero_stage=3", "--pools.learner.num_actors=2"],
-           "async": ["--algo.max_staleness=2", "--algo.dynamic_sampling=true", "--algo.group_spread_rtol=0.3"]}
+# One layout with all the state a resume must bring back: ZeRO-3 over two learners stores a
+# partition per rank and restores parameters from them; rollouts generated up to 2 steps ahead
+# (saved with each checkpoint); dynamic sampling refilling dropped groups from further prompts
+# (past the saved data cursor). A single ZeRO-0 optimizer copy comes back in tests/test_actors.py
+# (test_checkpoint_restores_training_exactly).
+LAYOUT = ["--train.zero_stage=3", "--pools.learner.num_actors=2", "--algo.max_staleness=2",
+          "--algo.dynamic_sampling=true", "--algo.group_spread_rtol=0.3"]
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -37,9 +38,8 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_killed_driver_resumes_exactly(tmp_path, layout):
-    extra = LAYOUTS[layout]
+def test_killed_driver_resumes_exactly(tmp_path):
+    extra = LAYOUT
     straight = tmp_path / "straight"
     # The uninterrupted run, asked to resume where there is nothing to resume: it starts fresh.
     done = _run(straight, *extra, "--run.resume=auto")
@@ -69,11 +69,10 @@ def test_killed_driver_resumes_exactly(tmp_path, layout):
             assert rb[k] == pytest.approx(ra[k], abs=1e-6), (ra["step"], k)
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert kept == ["step_3", "step_4"]  # retention: the newest two
-    if layout == "async":
-        assert [r["policy_staleness"] for r in b] == [0, 1, 2, 2]  # never over the bound, and reaching it
-        assert sum(r["groups_dropped"] for r in b) > 0 and sum(r["refill_prompts"] for r in b) > 0
-        state = json.loads((killed / "checkpoints" / "step_3" / "trainer_state.json").read_text())
-        assert state["pending_steps"] == [3]  # the last step's rollouts, generated ahead
+    assert [r["policy_staleness"] for r in b] == [0, 1, 2, 2]  # never over the bound, and reaching it
+    assert sum(r["groups_dropped"] for r in b) > 0 and sum(r["refill_prompts"] for r in b) > 0
+    state = json.loads((killed / "checkpoints" / "step_3" / "trainer_state.json").read_text())
+    assert state["pending_steps"] == [3]  # the last step's rollouts, generated ahead
 
 
 def test_partial_checkpoint_is_rejected_in_one_line(tmp_path):

@@ -76,21 +76,22 @@ def test_service_refuses_a_table_off_the_contract(service):
         service.score.remote(bad).result(timeout_s=60)
 
 
-def test_a_tiny_run_with_the_service_matches_the_run_with_the_pool(tmp_path):
+def test_a_tiny_run_with_the_service_matches_the_run_with_the_pool(tmp_path, tiny_run):
     import json
     import subprocess
     import sys
 
-    def run(out, *extra):
-        proc = subprocess.run([sys.executable, "-m", "rlsr_ray.run", "tiny", "--ray.address=local", "--run.steps=3",
-                               "--run.progress=false", f"--run.output_dir={out}", *extra],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    def rows_and_summary(out):
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         return rows, json.loads((out / "summary.json").read_text())
 
-    pool_rows, pool_summary = run(tmp_path / "pool")
-    service_rows, service_summary = run(tmp_path / "service", "--reward_service.enabled=true")
+    pool_rows, pool_summary = rows_and_summary(tiny_run[0])  # the same preset and steps, with the pool
+    out = tmp_path / "service"
+    proc = subprocess.run([sys.executable, "-m", "rlsr_ray.run", "tiny", "--ray.address=local", "--run.steps=3",
+                           "--run.progress=false", f"--run.output_dir={out}", "--reward_service.enabled=true"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    service_rows, service_summary = rows_and_summary(out)
     assert len(service_rows) == 3
     for a, b in zip(pool_rows, service_rows):
         for k in ("reward_mean", "similarity_mean", "lcs_penalty_rate", "loss", "kl", "response_length_mean"):
@@ -105,13 +106,17 @@ def test_one_runs_step_is_spread_over_two_replicas(service, minilm_path):
     are the reward pool's, in the table's row order."""
     from ray import serve
 
-    from rlsr_ray.reward_service import ServicePool, deployment
+    from rlsr_ray.reward_service import RewardService, ServicePool
 
     answers = ["It boils at 100 C.", "Bananas are yellow.", REF, "Water is wet.", "212 F at sea level.",
                "Ice melts.", "Steam is hot.", "Boiling point: 100 C."]
     table = rollouts(answers, [REF] * len(answers))
-    app = deployment(minilm_path, PenaltyRule(), max_batch_size=2, batch_wait_timeout_s=0.5, min_replicas=2,
-                     max_replicas=2, num_cpus=0.5)
+    # One request per replica at a time, each held for the batch wait (a batch of 2 cannot fill
+    # one request at a time): while the first request waits on its replica, the router must give
+    # the next to the other one. With room for several requests per replica, as deployment() sets
+    # it for batching, the router's choice between two idle replicas is a coin toss per request.
+    app = RewardService.options(max_ongoing_requests=1, num_replicas=2, autoscaling_config=None,
+                                ray_actor_options={"num_cpus": 0.5}).bind(minilm_path, PenaltyRule(), 2, 2.0)
     handle = serve.run(app, name="rlsr_reward_two", route_prefix=None)
     try:
         pool = ServicePool(handle, 120.0, True, "rlsr_reward_two", request_rows=2)

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from listeners import LOOPBACK, session_listeners
+from listeners import LOOPBACK, own_ray_env, session_listeners
 from test_e2e import _free_port
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def server(tiny_policy, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.serve", tiny_policy, f"--port={port}", "--name=tiny"],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+                            env=own_ray_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 180
     try:

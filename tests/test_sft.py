@@ -12,6 +12,8 @@ import time
 import pyarrow as pa
 import pytest
 
+from listeners import LOOPBACK, own_ray_env, session_listeners
+
 from rlsr_ray import batch
 from rlsr_ray.sft import worker_shares
 
@@ -88,18 +90,20 @@ def _steps(out) -> list[dict]:
     return read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
 
 
-def _sft_with_a_worker_killed(out, log, *args) -> str:
+def _sft_with_a_worker_killed(out, log, *args) -> tuple[str, list]:
     """SIGKILL one Ray Train worker once Ray Train's controller has recorded a checkpoint (its
     snapshot file: a report it has not collected yet is lost with the group); Ray Train
-    (sft.max_failures) restarts the group from the newest recorded checkpoint and the run finishes."""
+    (sft.max_failures) restarts the group from the newest recorded checkpoint and the run finishes.
+    Also gives the sockets the command's session listened on just before the kill."""
     proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.sft", *SFT_ARGS, f"--run.output_dir={out}", *args],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+                            env=own_ray_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("ray_train/*/checkpoint_manager_snapshot.json")) and proc.poll() is None:
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before a worker could be killed: " + log.read_text()[-3000:]
+        listeners = session_listeners(proc.pid)  # Ray, its agents, the controller and both workers
         found = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "ray::RayTrainWorker"], capture_output=True, text=True)
         victims = [int(x) for x in found.stdout.split()]
         assert victims, log.read_text()[-3000:]
@@ -108,7 +112,7 @@ def _sft_with_a_worker_killed(out, log, *args) -> str:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    return log.read_text()
+    return log.read_text(), listeners
 
 
 @pytest.mark.slow
@@ -137,8 +141,11 @@ def test_sft_on_two_workers_survives_a_killed_worker_resumes_exactly_and_writes_
     moved = max(float((tuned[k] - base[k]).abs().max()) for k in base)
     assert moved > 1e-4, moved
 
-    log = _sft_with_a_worker_killed(parts, tmp_path / "killed.log", "--sft.steps=8")
+    log, listeners = _sft_with_a_worker_killed(parts, tmp_path / "killed.log", "--sft.steps=8")
     assert re.search(r"resumed from step [1-7]\b", log), log[-3000:]
+    # The local Ray this command started (after importing Ray Train) listens on loopback only.
+    assert len(listeners) >= 5, listeners
+    assert [(a, pid) for a, pid in listeners if a not in LOOPBACK] == [], log[-3000:]
     assert [r["step"] for r in _steps(parts)] == list(range(1, 9))
     done = _sft(parts, "--sft.steps=10", "--run.resume=auto")
     assert "resumed from step 8" in done.stdout + done.stderr
@@ -170,3 +177,23 @@ def test_resume_auto_picks_the_newest_run_that_reported_a_checkpoint(tmp_path, u
         "sft-20261101-000000-000"
     with pytest.raises(ConfigError, match="no SFT run named 'nope'"):
         train_run_name(load_config("tiny", ["--run.resume=nope"]), storage)
+
+
+def test_on_a_local_ray_sft_runs_without_the_placement_group_cleaner():
+    """The cleaner asks the State API, absent on the local Ray (no dashboard), every second and
+    holds the end of the run for its last ask; on a cluster the run joined it stays. Either way
+    Ray Train sets up no torch process group (its TCP store would listen on every interface): the
+    workers meet at the learner's own rendezvous (sockets read in the test above)."""
+    from ray.train import BackendConfig, RunConfig, ScalingConfig
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from rlsr_ray.sft import trainer
+
+    def built(local: bool):
+        return trainer(local, lambda job: None, scaling_config=ScalingConfig(num_workers=1),
+                       run_config=RunConfig(name="x", storage_path="/tmp/rlsr_ray_unused"))
+
+    joined, local = ([type(c).__name__ for c in built(x)._create_default_callbacks()] for x in (False, True))
+    assert PlacementGroupCleanerCallback.__name__ in joined
+    assert local == [k for k in joined if k != PlacementGroupCleanerCallback.__name__]
+    assert type(built(True).backend_config) is BackendConfig  # not TorchConfig
