@@ -12,6 +12,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # One shared cache: the tiny model and DeepSpeed's JIT-built comm op are made once per machine.
 CACHE = os.environ.setdefault("RLSR_TEST_CACHE", os.path.expanduser("~/.cache/rlsr_ray"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(CACHE, "torch_extensions"))
+# Ray Train's controller takes a worker's report only when it polls (every 2 s by default), and the
+# worker's next report waits for that (a queue of one): SFT steps of well under a second on the
+# tiny model would each wait out the poll. Results do not depend on it; commands run by tests
+# inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 torch.set_num_threads(1)
 
 

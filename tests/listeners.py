@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 
@@ -35,6 +39,27 @@ def own_ray_env(**extra: str) -> dict[str, str]:
     send it to another cluster; the command has to do it itself."""
     drop = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def command_listeners(argv: list[str], log: Path, timeout_s: float, ready: str = "",
+                      every_s: float = 1.0) -> tuple[int, set[tuple[str, int]]]:
+    """Run `python -m argv...` in a session of its own (its Ray included, output to `log`), reading
+    its session's listening sockets every `every_s` once `ready` is in the log, until it ends:
+    (exit code, every socket seen). Killed, with its session, past timeout_s."""
+    proc = subprocess.Popen([sys.executable, "-m", *argv], env=own_ray_env(), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    seen: set[tuple[str, int]] = set()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            if ready in log.read_text():
+                seen.update(session_listeners(proc.pid))
+            time.sleep(every_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, seen
 
 
 LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}

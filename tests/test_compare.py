@@ -7,16 +7,13 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from listeners import LOOPBACK, own_ray_env, session_listeners
+from listeners import LOOPBACK, command_listeners
 
 pytestmark = pytest.mark.slow
 
@@ -37,20 +34,9 @@ def finished(tmp_path_factory):
     log = out.parent / "compare.log"
     # A local judge so the win-rate table is built too; the tiny random model is no judge, and
     # the report must say so.
-    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.compare", "tiny", "--ray.address=local",
-                             f"--run.output_dir={out}", "--eval.judge=tiny-random"],
-                            env=own_ray_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    seen: set[tuple[str, int]] = set()
-    try:
-        deadline = time.monotonic() + 900
-        while proc.poll() is None:
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            seen.update(session_listeners(proc.pid))
-            time.sleep(1.0)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, log.read_text()[-3000:]
+    code, seen = command_listeners(["rlsr_ray.compare", "tiny", "--ray.address=local", f"--run.output_dir={out}",
+                                    "--eval.judge=tiny-random"], log, timeout_s=900)
+    assert code == 0, log.read_text()[-3000:]
     return out, json.loads((out / "compare_summary.json").read_text()), seen
 
 

@@ -157,30 +157,13 @@ def test_a_judge_failing_for_good_loses_no_metric_and_unvetted_votes_are_not_win
 def test_the_command_on_its_own_local_ray_listens_on_loopback_only(tiny_policy, tmp_path):
     """`python -m rlsr_ray.eval` with its rollout and reward pools as actors: the local Ray it
     starts is read while a checkpoint is answered (after the pools are up)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from listeners import LOOPBACK, own_ray_env, session_listeners
+    from listeners import LOOPBACK, command_listeners
 
     out, log = tmp_path / "eval", tmp_path / "eval.log"
-    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.eval", f"base={tiny_policy}", "--preset=tiny",
-                             "--ray.address=local", "--eval.max_new_tokens=4", f"--eval.output_dir={out}"],
-                            env=own_ray_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    seen: set[tuple[str, int]] = set()
-    try:
-        deadline = time.monotonic() + 300
-        while proc.poll() is None:
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            if "reward actor 0 ready" in log.read_text():
-                seen.update(session_listeners(proc.pid))
-            time.sleep(0.5)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, log.read_text()[-3000:]
+    code, seen = command_listeners(["rlsr_ray.eval", f"base={tiny_policy}", "--preset=tiny", "--ray.address=local",
+                                    "--eval.max_new_tokens=4", f"--eval.output_dir={out}"], log, timeout_s=300,
+                                   ready="reward actor 0 ready", every_s=0.5)
+    assert code == 0, log.read_text()[-3000:]
     assert json.loads((out / "eval_summary.json").read_text())["prompts"] == 8  # tiny's held-out split
     assert len(seen) >= 5, (seen, log.read_text()[-3000:])
     assert sorted((a, pid) for a, pid in seen if a not in LOOPBACK) == []
