@@ -470,6 +470,8 @@ def validate(cfg: Config) -> None:
          f"must be in [1, reward_service.max_replicas={rs.max_replicas}]", rs.min_replicas)
     need(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", "must be >= 0", cfg.run.keep_checkpoints)
     need(cfg.run.save_every >= 0, "run.save_every", "must be >= 0", cfg.run.save_every)
-    from rlsr_ray.plan import step_plan  # the batch arithmetic must work out (uneven learner splits)
-
-    step_plan(cfg)
+    world = max(1, cfg.pools.learner.num_actors)
+    rows_mb = t.mini_batch_prompts * r.samples_per_prompt
+    need(rows_mb % world == 0, "train.mini_batch_prompts",  # the plan splits each mini-batch evenly
+         f"train.mini_batch_prompts x rollout.samples_per_prompt = {rows_mb} sequences must divide evenly "
+         f"over {world} learners", t.mini_batch_prompts)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rlsr_ray.config import Config, ConfigError, PoolConfig
+from rlsr_ray.config import Config, PoolConfig
 
 ROLES = ("rollout", "reward", "reference", "learner")
 
@@ -64,12 +64,7 @@ def step_plan(cfg: Config) -> StepPlan:
     t = cfg.train
     world = max(1, cfg.pools.learner.num_actors)
     rows_mb = t.mini_batch_prompts * n
-    if rows_mb % world:
-        raise ConfigError(
-            f"train.mini_batch_prompts x rollout.samples_per_prompt = {rows_mb} sequences must divide "
-            f"evenly over {world} learners"
-        )
-    per_learner = rows_mb // world
+    per_learner = rows_mb // world  # config.validate saw that it divides
     return StepPlan(
         rows_per_step=t.prompts_per_step * n,
         minibatches_per_step=t.prompts_per_step // t.mini_batch_prompts,
