@@ -119,8 +119,8 @@ def learner_settings(cfg: Config, lr: float, micro_steps: int):
     )
 
 
-def start_learners(cfg: Config, policy_path: str):
-    """Create the learner pool and start its DeepSpeed setup; returns (pool, pending setup)."""
+def learner_pool(cfg: Config, policy_path: str):
+    """The learner pool's actors, created (they load the policy) but not yet in a group."""
     from actors.learner import LearnerActor
     from actors.pool import Pool
     from rlsr_ray.plan import step_plan
@@ -129,12 +129,17 @@ def start_learners(cfg: Config, policy_path: str):
     plan = step_plan(cfg)
     settings = learner_settings(cfg, cfg.train.lr, plan.micro_steps)
     # No Ray restarts: a learner group is rebuilt whole and reloaded from a checkpoint (trainer.py).
-    learner = Pool("learner", LearnerActor, p, dict(
+    return Pool("learner", LearnerActor, p, dict(
         policy_path=policy_path, settings=settings, world_size=plan.learner_world_size,
         device=pool_device(p), torch_threads=p.torch_threads, cache_dir=cfg.model.cache_dir),
         ray_restarts=False, **_timeouts(cfg))
+
+
+def start_setup(learner):
+    """Start the learners' DeepSpeed setup in one group; returns the pending setup. The
+    rendezvous call waits for every learner's constructor (the policy loaded)."""
     meet = learner.call("rendezvous", [()] * learner.size)[0]  # rank 0's choice for everyone
-    return learner, learner.broadcast("setup", meet)
+    return learner.broadcast("setup", meet)
 
 
 def _temperature(cfg: Config) -> float:
@@ -179,15 +184,17 @@ def build_pools(cfg: Config, policy_path: str, reward_path: str):
     from rlsr_ray.plan import step_plan
 
     p, t = cfg.pools, cfg.train
-    # Learners first: they are the largest, and their setup proceeds while the others load.
-    learner, setup = start_learners(cfg, policy_path)
+    # Every pool's actors are created before the first call to any of them, so all load at once
+    # (the learners' rendezvous waits for their constructors); the learners' setup then proceeds
+    # while the others finish loading.
+    learner = learner_pool(cfg, policy_path)
     rollout = rollout_pool(cfg, policy_path)
     reward = reward_pool(cfg, reward_path)
     reference = Pool("reference", ReferenceActor, p.reference, dict(
         policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=pool_device(p.reference),
         torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
         temperature=_temperature(cfg)), **_timeouts(cfg))
-    learner.get(setup, "setup")
+    learner.get(start_setup(learner), "setup")
     pools = Pools(rollout, reward, reference, learner, route=weight_route(cfg),
                   defer_loads=cfg.algo.max_staleness >= 2)
     if pools.route is not None and pools.route.usable(learner, rollout):
@@ -259,8 +266,8 @@ def run(cfg: Config) -> dict[str, Any]:
         before = trainer.baseline_eval(pools, heldout, cfg.run.eval_max_new_tokens, out) \
             if heldout is not None else None
         def rebuild_learners():
-            learner, setup = start_learners(cfg, policy_path)
-            learner.get(setup, "setup")
+            learner = learner_pool(cfg, policy_path)
+            learner.get(start_setup(learner), "setup")
             return learner
 
         rows, saving = trainer.train_loop(cfg, pools, plan, train_tok, out, resume, policy_path, rebuild_learners)
