@@ -68,7 +68,7 @@ def load_prompts(cfg: Config) -> Prompts:
     return Prompts(msgs, [instruction_text(m) for m in msgs], [ex.reference for ex in examples])
 
 
-def prompts_table(cfg: Config, prompts: Prompts, policy_path: str) -> pa.Table:
+def eval_prompts(cfg: Config, prompts: Prompts, policy_path: str) -> pa.Table:
     """PROMPTS rows in this checkpoint's chat template. Overlong prompts keep their end rather
     than being dropped, so every checkpoint answers every prompt."""
     from rlsr_ray import batch, data
@@ -99,7 +99,7 @@ def means(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def deltas(base: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per metric: other - base, paired by prompt, ± SE (the statistic of a run's summary)."""
-    from rlsr_ray.evaluate import paired_delta
+    from rlsr_ray.heldout import paired_delta
 
     return {m: paired_delta([float(r[m]) for r in base], [float(r[m]) for r in other]) for m in METRICS}
 
@@ -125,7 +125,7 @@ def parse_checkpoints(args: list[str]) -> list[tuple[str, str]]:
 def generate_all(cfg: Config, checkpoints: list[tuple[str, str]], prompts: Prompts) -> dict[str, list[dict]]:
     """Each checkpoint's answers, one rollout pool at a time; one reward pool scores them all."""
     from actors.sampling import SamplingSpec
-    from rlsr_ray.evaluate import answers
+    from rlsr_ray.heldout import answers
     from rlsr_ray.models import resolve_policy, resolve_reward_model
     from rlsr_ray.pipeline import Pools
     from rlsr_ray.run import reward_pool, rollout_pool
@@ -143,7 +143,7 @@ def generate_all(cfg: Config, checkpoints: list[tuple[str, str]], prompts: Promp
             rollout = rollout_pool(cfg, path)
             try:
                 # Answers need only the rollout and reward roles: no reference log-probs, no learners.
-                rows = answers(Pools(rollout, reward, None, None), prompts_table(cfg, prompts, path), spec)
+                rows = answers(Pools(rollout, reward, None, None), eval_prompts(cfg, prompts, path), spec)
             finally:
                 rollout.shutdown()
             results[name] = with_text_metrics(rows, prompts.references)

@@ -180,7 +180,7 @@ def reward_pool(cfg: Config, reward_path: str):
 def build_pools(cfg: Config, policy_path: str, reward_path: str):
     from actors.pool import Pool
     from actors.reference import ReferenceActor
-    from rlsr_ray.loop import Pools
+    from rlsr_ray.step import Pools
     from rlsr_ray.plan import step_plan
 
     p, t = cfg.pools, cfg.train
@@ -231,7 +231,7 @@ def prepare_data(cfg: Config, policy_path: str):
 def run(cfg: Config) -> dict[str, Any]:
     """Run a whole job; returns the summary also written to output_dir/summary.json."""
     from rlsr_ray import checkpoint, data, trainer
-    from rlsr_ray.evaluate import heldout_similarity, paired_delta
+    from rlsr_ray.heldout import heldout_similarity, paired_delta
     from rlsr_ray.models import resolve_policy, resolve_reward_model
     from rlsr_ray.policy import describe_compute_dtype
 

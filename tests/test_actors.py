@@ -13,7 +13,7 @@ from actors.reward import RewardActor
 from actors.rollout import RolloutActor
 from actors.sampling import SamplingSpec
 from rlsr_ray import batch, data
-from rlsr_ray.loop import build_train_table
+from rlsr_ray.step import build_train_table
 from rlsr_ray.loss import LossSettings
 from rlsr_ray.reward import PenaltyRule
 

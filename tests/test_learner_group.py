@@ -69,7 +69,7 @@ def test_weight_route_gives_every_rollout_actor_the_learner_weights_bit_for_bit(
     import numpy as np
 
     from actors.rollout import RolloutActor
-    from rlsr_ray.loop import Pools, sync_weights
+    from rlsr_ray.step import Pools, sync_weights
     from rlsr_ray.weight_route import WeightRoute
 
     norm = float(sum(len(x) for x in train.column("response_ids").to_pylist()))
@@ -108,7 +108,7 @@ def test_object_store_sync_keeps_the_weights_out_of_the_driver(local_ray, tiny_p
     import numpy as np
 
     from actors.rollout import RolloutActor
-    from rlsr_ray.loop import Pools, sync_weights
+    from rlsr_ray.step import Pools, sync_weights
 
     learners = Pool("learner", LearnerActor, PoolConfig(num_actors=1, num_cpus=0.5),
                     dict(policy_path=tiny_policy, settings=settings()), ray_restarts=False, call_timeout_s=300)

@@ -97,7 +97,7 @@ def test_learners_assemble_variable_minibatches_from_pieces(local_ray, tiny_poli
     from actors.learner import LearnerActor
     from actors.pool import Pool
     from rlsr_ray.config import PoolConfig, load_config
-    from rlsr_ray.loop import Rounds, build_train_table, learner_parts, scores_table
+    from rlsr_ray.step import Rounds, build_train_table, learner_parts, scores_table
     from rlsr_ray.pipeline import Scored
     from rlsr_ray.plan import step_plan
     from test_actors import assert_same_update, learner, settings

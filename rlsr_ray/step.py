@@ -156,7 +156,7 @@ def train(pools: Pools, args: list[tuple]) -> dict[str, float]:
     return out
 
 
-def rollout_summary(rounds: Rounds, version: int) -> dict[str, float]:
+def rollout_metrics(rounds: Rounds, version: int) -> dict[str, float]:
     # nan-aware: a skipped step still reports what its finite samples looked like
     rewards = rounds.rewards
     r = rewards.column("reward").to_numpy()
@@ -185,7 +185,7 @@ def rlsr_step(cfg: Config, pools: Pools, plan: StepPlan, gen: Generation, step: 
     rounds, reason = collect(cfg, pools, gen, step, draw)
     t_score = time.perf_counter()
     timing = rounds.scored[0].timing
-    base = {"step": step + 1, **rollout_summary(rounds, version), "samples": sum(g.rows for g in rounds.gens),
+    base = {"step": step + 1, **rollout_metrics(rounds, version), "samples": sum(g.rows for g in rounds.gens),
             "groups_dropped": rounds.groups_dropped, "refill_prompts": rounds.refill_prompts,
             "refill_rounds": len(rounds.gens) - 1}
     if reason:  # skipped, never applied: no training, no weight sync, the policy version stays
