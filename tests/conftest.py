@@ -60,29 +60,15 @@ def local_ray():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """`python -m rlsr_ray.run tiny --run.steps=3` once per session, on the local Ray it starts,
-    with a Ray auth token of its own: (output folder, log text, token, sockets its session listened
-    on mid-run). tests/test_e2e.py checks it; tests/test_reward_service.py compares a run through
-    the reward service with it."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from listeners import own_ray_env, session_listeners
+    with a Ray auth token of its own: (output folder, log text, token, every socket its session
+    listened on, read each second through the run). tests/test_e2e.py checks it;
+    tests/test_reward_service.py compares a run through the reward service with it."""
+    from listeners import command_listeners
 
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     secret = "5ecre7" + os.urandom(13).hex()
     log = out.parent / "driver.log"
-    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", "tiny", f"--run.output_dir={out}", "--run.steps=3"],
-                            env=own_ray_env(PYTHONUNBUFFERED="1", RAY_AUTH_TOKEN=secret), stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        listeners = session_listeners(proc.pid)  # mid-run: Ray, its agents and all four pools are up
-        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return out, log.read_text(), secret, listeners
+    code, seen = command_listeners(["rlsr_ray.run", "tiny", f"--run.output_dir={out}", "--run.steps=3"], log,
+                                   timeout_s=900, PYTHONUNBUFFERED="1", RAY_AUTH_TOKEN=secret)
+    assert code == 0, log.read_text()[-3000:]
+    return out, log.read_text(), secret, seen

@@ -41,12 +41,13 @@ def own_ray_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 
-def command_listeners(argv: list[str], log: Path, timeout_s: float, ready: str = "",
-                      every_s: float = 1.0) -> tuple[int, set[tuple[str, int]]]:
-    """Run `python -m argv...` in a session of its own (its Ray included, output to `log`), reading
-    its session's listening sockets every `every_s` once `ready` is in the log, until it ends:
-    (exit code, every socket seen). Killed, with its session, past timeout_s."""
-    proc = subprocess.Popen([sys.executable, "-m", *argv], env=own_ray_env(), stdout=open(log, "w"),
+def command_listeners(argv: list[str], log: Path, timeout_s: float, ready: str = "", every_s: float = 1.0,
+                      **env: str) -> tuple[int, set[tuple[str, int]]]:
+    """Run `python -m argv...` in a session of its own (its Ray included, output to `log`, `env`
+    added to own_ray_env()), reading its session's listening sockets every `every_s` once `ready`
+    is in the log, until it ends: (exit code, every socket seen). Killed, with its session, past
+    timeout_s."""
+    proc = subprocess.Popen([sys.executable, "-m", *argv], env=own_ray_env(**env), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     seen: set[tuple[str, int]] = set()
     try:

@@ -80,7 +80,7 @@ def test_only_contained_requirement_sets_are_skipped():
 
 @pytest.fixture(scope="module")
 def resolved(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """Every resolver run at once: each spends much of its time waiting on the registry."""
+    """Every resolver run at once, so that one's waits on the registry overlap the other's work."""
     runs = {}
     for i, args in enumerate(lines_to_resolve()):
         report = tmp_path_factory.mktemp(f"resolve{i}") / "report.json"
