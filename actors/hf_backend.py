@@ -33,7 +33,7 @@ class TransformersBackend:
     weight_dtype = "float32"  # load_causal_lm keeps float32 weights; compute_dtype is autocast only
 
     def join_route(self, address: str, rank: int, settings, specs: list) -> None:
-        from rlsr_ray.weight_sync import WeightGroup
+        from rlsr_ray.weight_group import WeightGroup
 
         self.close_route()
         self.route, self.route_specs = WeightGroup(address, rank, settings), specs

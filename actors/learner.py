@@ -24,11 +24,11 @@ import torch
 
 from actors.objectives import GRPO, SFT, Objective
 from rlsr_ray import batch
-from rlsr_ray.loss import LossSettings
+from rlsr_ray.algo.loss import LossSettings
 from rlsr_ray.policy import (load_causal_lm, load_tokenizer, resolve_compute_dtype, response_logprobs, set_threads,
                              state_dict_to_torch)
 from rlsr_ray.selection import MinibatchParts
-from rlsr_ray.weight_sync import RouteSettings, WeightGroup, tensor_specs
+from rlsr_ray.weight_group import RouteSettings, WeightGroup, tensor_specs
 
 
 @dataclass(frozen=True)

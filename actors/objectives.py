@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from rlsr_ray import batch
-from rlsr_ray.loss import rlsr_loss, sft_loss
+from rlsr_ray.algo.loss import rlsr_loss, sft_loss
 from rlsr_ray.policy import forward_logprobs, pad_batch
 
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from rlsr_ray import batch
 from rlsr_ray.policy import set_threads
-from rlsr_ray.reward import PenaltyRule, cosine_rows, rlsr_rewards
+from rlsr_ray.algo.reward import PenaltyRule, cosine_rows, rlsr_rewards
 from rlsr_ray.selection import Piece, gather
 
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from actors.reaper import child_pids, reap_with_this_process
 from actors.sampling import Sample, SamplingSpec, cut_at_eos, mixed_seed
-from rlsr_ray.weight_sync import TensorSpec
+from rlsr_ray.weight_group import TensorSpec
 
 # Names repeated from actors/vllm_logits.py, which imports vLLM and so loads only where it runs.
 VOCAB_MASK = "actors.vllm_logits:TokenizerVocabMask"
@@ -101,7 +101,7 @@ class WeightLoaderExtension:
     for the object-store fallback, from a safetensors file the actor wrote."""
 
     def rlsr_join_route(self, address: str, rank: int, settings: list, specs: list) -> None:
-        from rlsr_ray.weight_sync import RouteSettings, WeightGroup
+        from rlsr_ray.weight_group import RouteSettings, WeightGroup
 
         self.rlsr_route = WeightGroup(address, rank, RouteSettings(*settings))
         self.rlsr_specs = specs_from_rpc(specs)

@@ -1,4 +1,4 @@
-"""What the step's data path costs: the real step (rlsr_ray.step.rlsr_step, with its Arrow tables,
+"""What the step's data path costs: the real step (rlsr_ray.driver.step.rlsr_step, with its Arrow tables,
 checks, pieces, joins and object-store hand-offs between four Ray pools) with the models taken out.
 
 The actors below build, check and pass tables exactly as the real ones do (same rlsr_ray.batch /
@@ -118,8 +118,8 @@ def main() -> None:
     from actors.pool import Pool
     from rlsr_ray import data
     from rlsr_ray.config import PoolConfig, load_config
-    from rlsr_ray.step import rlsr_step, sampling_spec
-    from rlsr_ray.pipeline import Pools, start_generation
+    from rlsr_ray.driver.step import rlsr_step, sampling_spec
+    from rlsr_ray.driver.pipeline import Pools, start_generation
     from rlsr_ray.plan import step_plan
 
     k = args.actors

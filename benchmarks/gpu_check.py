@@ -29,8 +29,8 @@ from actors.reference import ReferenceActor  # noqa: E402
 from actors.rollout import RolloutActor  # noqa: E402
 from actors.sampling import SamplingSpec  # noqa: E402
 from rlsr_ray import batch  # noqa: E402
-from rlsr_ray.grpo import group_advantages  # noqa: E402
-from rlsr_ray.loss import LossSettings  # noqa: E402
+from rlsr_ray.algo.grpo import group_advantages  # noqa: E402
+from rlsr_ray.algo.loss import LossSettings  # noqa: E402
 
 DEVICE = "cuda"  # --device cpu runs the same script as a smoke test on machines without a GPU
 

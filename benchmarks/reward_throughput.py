@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlsr_ray import batch, data  # noqa: E402
 from rlsr_ray.models import MINILM, resolve_reward_model  # noqa: E402
-from rlsr_ray.reward import PenaltyRule  # noqa: E402
+from rlsr_ray.algo.reward import PenaltyRule  # noqa: E402
 
 
 def rollouts(rows: int) -> pa.Table:
@@ -74,15 +74,15 @@ def main() -> int:
     actor = RewardActor(path, PenaltyRule())
     seconds["reward role in-process (cached references)"] = timed(lambda: actor.score(table), args.repeats)
 
-    from rlsr_ray.run import _single_node_mode
+    from rlsr_ray.driver.ray_session import single_node_mode
 
-    _single_node_mode()
+    single_node_mode()
     import ray
     from ray import serve
 
     from actors.pool import Pool
     from rlsr_ray.config import PoolConfig
-    from rlsr_ray.reward_service import deployment
+    from rlsr_ray.serving.reward_service import deployment
 
     ray.init(address="local", num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:

@@ -4,7 +4,7 @@ Equal: model (SmolLM2-135M-Instruct), compute dtype (bf16 autocast where the CPU
 AVX512-BF16, else float32, as rlsr_ray's `auto`), group size 8, 4 prompts per step, 48 new
 tokens, temperature 0.8, two optimizer steps per generation of 32 completions, lr 3e-5 constant,
 AdamW betas (0.9, 0.95), clip 0.2, KL coefficient 0.001 to the initial policy, gradient clip 1.0,
-token-mean loss, and the same reward (MiniLM cosine + LCS copy penalty, rlsr_ray.reward's code).
+token-mean loss, and the same reward (MiniLM cosine + LCS copy penalty, rlsr_ray.algo.reward's code).
 TRL runs in this process on both cores; rlsr_ray runs its default preset (pools on Ray).
 rlsr_ray runs twice (VARIANTS below). Each side's time is its training loop only (model loading and Ray start excluded): rlsr_ray's
 summed `step_s`, TRL's on_train_begin -> on_train_end.
@@ -67,7 +67,7 @@ def run_trl(steps: int, out: Path) -> dict:
     from rlsr_ray import data
     from rlsr_ray.models import resolve_policy, resolve_reward_model
     from rlsr_ray.policy import resolve_compute_dtype
-    from rlsr_ray.reward import PenaltyRule, cosine_rows, rlsr_rewards
+    from rlsr_ray.algo.reward import PenaltyRule, cosine_rows, rlsr_rewards
 
     if trl.__version__ != TRL_VERSION:
         raise SystemExit(f"trl {trl.__version__} is installed; this race is pinned to {TRL_VERSION}")

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from rlsr_ray.loss import token_logprobs
+from rlsr_ray.algo.loss import token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -241,7 +241,8 @@ def run(cfg: Config) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 
     from rlsr_ray.models import resolve_policy
-    from rlsr_ray.run import connect_ray, learner_settings, on_local_ray
+    from rlsr_ray.driver.pools import learner_settings
+    from rlsr_ray.driver.ray_session import connect_ray, on_local_ray
 
     t0 = time.perf_counter()
     out = Path(cfg.run.output_dir).expanduser().resolve()  # Ray Train needs an absolute storage path

@@ -44,9 +44,9 @@ def tiny_tokenizer(tiny_policy):
 @pytest.fixture(scope="module")
 def local_ray():
     """A Ray started in this process as rlsr_ray starts one: single-node, loopback only."""
-    from rlsr_ray.run import _single_node_mode
+    from rlsr_ray.driver.ray_session import single_node_mode
 
-    _single_node_mode()
+    single_node_mode()
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",

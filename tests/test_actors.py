@@ -13,9 +13,9 @@ from actors.reward import RewardActor
 from actors.rollout import RolloutActor
 from actors.sampling import SamplingSpec
 from rlsr_ray import batch, data
-from rlsr_ray.step import build_train_table
-from rlsr_ray.loss import LossSettings
-from rlsr_ray.reward import PenaltyRule
+from rlsr_ray.driver.step import build_train_table
+from rlsr_ray.algo.loss import LossSettings
+from rlsr_ray.algo.reward import PenaltyRule
 
 SPEC = SamplingSpec(n=4, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=3)
 

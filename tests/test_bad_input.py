@@ -1,5 +1,5 @@
 """Bad input through the real entry point: exit code 2, one line naming file/row/field or key,
-and nothing written to the output dir. Runs `rlsr_ray.run.main` in-process (no Ray is started:
+and nothing written to the output dir. Runs `rlsr_ray.driver.run.main` in-process (no Ray is started:
 every check happens before)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlsr_ray.run import main
+from rlsr_ray.driver.run import main
 
 GOOD = {"prompt": "What is 2 + 2?", "response": "2 + 2 is 4."}
 

@@ -89,7 +89,7 @@ def test_split_is_contiguous_and_complete():
 
 
 def test_nonfinite_rewards_name_the_reason():
-    from rlsr_ray.step import nonfinite_reason
+    from rlsr_ray.driver.step import nonfinite_reason
 
     def rewards(values):
         n = len(values)

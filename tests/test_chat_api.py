@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rlsr_ray.chat_api import ApiError, chat_response, models_response, parse_chat_request
+from rlsr_ray.serving.chat_api import ApiError, chat_response, models_response, parse_chat_request
 
 GOOD = {"model": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
 
@@ -87,7 +87,7 @@ def test_unsupported_fields_are_refused_not_dropped(extra, param, words):
 
 
 def test_stop_strings_and_the_context_error_body():
-    from rlsr_ray.chat_api import context_error, cut_at_stop
+    from rlsr_ray.serving.chat_api import context_error, cut_at_stop
 
     assert cut_at_stop("a, b. c. d", (". ", ", ")) == ("a", True)
     assert cut_at_stop("abc", ("x",)) == ("abc", False)

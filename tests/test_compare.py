@@ -93,7 +93,7 @@ def test_a_finished_comparison_keeps_its_arms(finished):
 
 def test_figures_skip_the_rows_of_skipped_rl_steps(tmp_path):
     """A skipped step (NaN rewards, nothing informative) has no loss, KL or length in its row."""
-    from rlsr_ray.report import CURVES, plot_figures
+    from rlsr_ray.evaluation.report import CURVES, plot_figures
 
     rl = [{"step": 1, "loss": 0.5, **{k: 0.1 for k in CURVES}}, {"step": 2, "skipped": "non-finite rewards"},
           {"step": 3, "loss": 0.4, **{k: 0.2 for k in CURVES}}]

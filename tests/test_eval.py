@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlsr_ray import eval as E
+from rlsr_ray.evaluation import eval as E
 from rlsr_ray.config import ConfigError, load_config
 
 IN_DRIVER = ["--preset=tiny", "--pools.rollout.num_actors=0", "--pools.reward.num_actors=0", "--eval.max_new_tokens=6"]

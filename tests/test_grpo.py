@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from rlsr_ray.grpo import group_advantages
+from rlsr_ray.algo.grpo import group_advantages
 
 
 def test_zero_variance_group_gives_exact_zero():

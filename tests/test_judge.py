@@ -2,7 +2,7 @@
 
 The aggregation tests drive the Judge protocol with scripted verdicts (the rules under test are
 arithmetic on verdicts); the local judge runs a real (tiny random) causal LM; the endpoint judge
-is tested against rlsr_ray.serve in test_serve.py and against a closed port here.
+is tested against rlsr_ray.serving.policy_server in test_serve.py and against a closed port here.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import socket
 import numpy as np
 import pytest
 
-from rlsr_ray import judge as J
+from rlsr_ray.evaluation import judge as J
 
 TEMPLATE = "I: {instruction}\nA: {response_a}\nB: {response_b}"
 

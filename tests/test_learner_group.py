@@ -25,7 +25,7 @@ def train(tiny_policy, tiny_tokenizer, minilm_path):
     from actors.reward import RewardActor
     from actors.rollout import RolloutActor
     from rlsr_ray import data
-    from rlsr_ray.reward import PenaltyRule
+    from rlsr_ray.algo.reward import PenaltyRule
 
     tok = data.tokenize(data.load_examples(None)[:4], tiny_tokenizer, 128, "drop")
     prompts = data.prompts_table(tok, [0, 1, 2, 3], first_group_id=0)
@@ -69,8 +69,8 @@ def test_weight_route_gives_every_rollout_actor_the_learner_weights_bit_for_bit(
     import numpy as np
 
     from actors.rollout import RolloutActor
-    from rlsr_ray.step import Pools, sync_weights
-    from rlsr_ray.weight_route import WeightRoute
+    from rlsr_ray.driver.step import Pools, sync_weights
+    from rlsr_ray.driver.weight_route import WeightRoute
 
     norm = float(sum(len(x) for x in train.column("response_ids").to_pylist()))
     s = settings(micro_batch_size=8, micro_steps=1, lr=1.0, optimizer="sgd", zero_stage=3)
@@ -108,7 +108,7 @@ def test_object_store_sync_keeps_the_weights_out_of_the_driver(local_ray, tiny_p
     import numpy as np
 
     from actors.rollout import RolloutActor
-    from rlsr_ray.step import Pools, sync_weights
+    from rlsr_ray.driver.step import Pools, sync_weights
 
     learners = Pool("learner", LearnerActor, PoolConfig(num_actors=1, num_cpus=0.5),
                     dict(policy_path=tiny_policy, settings=settings()), ray_restarts=False, call_timeout_s=300)

@@ -1,6 +1,6 @@
 """The local Ray every command starts (run, sft, eval, compare through run.connect_ray) listens on
 loopback only, even when the command imported ray before starting it, as rlsr_ray.sft does
-(Ray Train). rlsr_ray.serve sets the variable before its own ray import (tests/test_serve.py)."""
+(Ray Train). rlsr_ray.serving.policy_server sets the variable before its own ray import (tests/test_serve.py)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = """
 import ray.train  # what rlsr_ray.sft imports before it starts Ray
 from rlsr_ray.config import load_config
-from rlsr_ray.run import connect_ray
+from rlsr_ray.driver.ray_session import connect_ray
 
 assert connect_ray(load_config("tiny", ["--ray.address=local"]))
 import ray

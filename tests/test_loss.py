@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlsr_ray.loss import (LossSettings, aggregate, clipped_pg_per_token, kl_per_token, rlsr_loss, sft_loss,
+from rlsr_ray.algo.loss import (LossSettings, aggregate, clipped_pg_per_token, kl_per_token, rlsr_loss, sft_loss,
                            token_logprobs)
 
 

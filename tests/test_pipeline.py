@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import pytest
 
 from rlsr_ray import batch
-from rlsr_ray.grpo import informative_groups
+from rlsr_ray.algo.grpo import informative_groups
 from rlsr_ray.plan import minibatch_rows
 from rlsr_ray.selection import contiguous, gather, pieces, runs, used
 
@@ -68,7 +68,7 @@ def train12(tiny_policy, tiny_tokenizer, minilm_path):
     from actors.reward import RewardActor
     from actors.rollout import RolloutActor
     from rlsr_ray import data
-    from rlsr_ray.reward import PenaltyRule
+    from rlsr_ray.algo.reward import PenaltyRule
     from test_actors import _train_table
 
     tok = data.tokenize(data.load_examples(None)[:4], tiny_tokenizer, 128, "drop")
@@ -80,7 +80,7 @@ def train12(tiny_policy, tiny_tokenizer, minilm_path):
 
 def _generation(ray, table: pa.Table, cuts: list[int]):
     from actors.sampling import SamplingSpec
-    from rlsr_ray.pipeline import Generation
+    from rlsr_ray.driver.pipeline import Generation
     from rlsr_ray.selection import rollout_summary
 
     tables = [table.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, len(table)])]
@@ -97,8 +97,8 @@ def test_learners_assemble_variable_minibatches_from_pieces(local_ray, tiny_poli
     from actors.learner import LearnerActor
     from actors.pool import Pool
     from rlsr_ray.config import PoolConfig, load_config
-    from rlsr_ray.step import Rounds, build_train_table, learner_parts, scores_table
-    from rlsr_ray.pipeline import Scored
+    from rlsr_ray.driver.step import Rounds, build_train_table, learner_parts, scores_table
+    from rlsr_ray.driver.pipeline import Scored
     from rlsr_ray.plan import step_plan
     from test_actors import assert_same_update, learner, settings
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlsr_ray.reward import PenaltyRule, cosine_rows, longest_common_substring, rlsr_rewards
+from rlsr_ray.algo.reward import PenaltyRule, cosine_rows, longest_common_substring, rlsr_rewards
 
 
 def lcs_table(a: str, b: str) -> int:

@@ -8,7 +8,7 @@ import pytest
 
 from actors.reward import RewardActor
 from rlsr_ray import batch
-from rlsr_ray.reward import PenaltyRule
+from rlsr_ray.algo.reward import PenaltyRule
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def rollouts(responses: list[str], refs: list[str]) -> pa.Table:
 def service(local_ray, minilm_path):
     from ray import serve
 
-    from rlsr_ray.reward_service import deployment
+    from rlsr_ray.serving.reward_service import deployment
 
     try:
         # A long batch wait so that the two concurrent requests below land in one batch.
@@ -59,7 +59,7 @@ def test_service_rewards_equal_the_pool_rewards(service, minilm_path):
 
 def test_a_run_joins_a_running_service_and_leaves_it_running(service):
     from rlsr_ray.config import load_config
-    from rlsr_ray.reward_service import connect
+    from rlsr_ray.serving.reward_service import connect
 
     cfg = load_config("tiny", ["--reward_service.enabled=true", "--reward_service.app_name=rlsr_reward"])
     shared = connect(cfg, "cpu")
@@ -106,7 +106,7 @@ def test_one_runs_step_is_spread_over_two_replicas(service, minilm_path):
     are the reward pool's, in the table's row order."""
     from ray import serve
 
-    from rlsr_ray.reward_service import RewardService, ServicePool
+    from rlsr_ray.serving.reward_service import RewardService, ServicePool
 
     answers = ["It boils at 100 C.", "Bananas are yellow.", REF, "Water is wet.", "212 F at sea level.",
                "Ice melts.", "Steam is hot.", "Boiling point: 100 C."]

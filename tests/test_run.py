@@ -1,6 +1,6 @@
 import socket
 
-from rlsr_ray.run import running_cluster_address
+from rlsr_ray.driver.ray_session import running_cluster_address
 
 
 def test_stale_cluster_record_is_ignored(tmp_path, monkeypatch):
@@ -21,7 +21,7 @@ def test_stale_cluster_record_is_ignored(tmp_path, monkeypatch):
 
 def test_weight_sync_auto_takes_the_group_on_cuda_and_the_object_store_on_cpu():
     from rlsr_ray.config import load_config
-    from rlsr_ray.run import weight_route
+    from rlsr_ray.driver.pools import weight_route
 
     assert weight_route(load_config("tiny")) is None  # CPU pools: the object store
     assert weight_route(load_config("gpu_a100")).backend == "nccl"

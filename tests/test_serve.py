@@ -121,9 +121,9 @@ def test_bad_checkpoint_is_one_line_and_exit_2(tmp_path):
 
 
 def test_the_eval_judge_talks_to_this_server(server):
-    """rlsr_ray.eval's endpoint judge against a real OpenAI-compatible server (this project's).
+    """rlsr_ray.evaluation.eval's endpoint judge against a real OpenAI-compatible server (this project's).
     The tiny random policy is no judge: what is checked is the protocol, not its votes."""
-    from rlsr_ray import judge as J
+    from rlsr_ray.evaluation import judge as J
 
     url, _, _ = server
     jd = J.EndpointJudge(url, "tiny", timeout_s=60, max_tokens=4)

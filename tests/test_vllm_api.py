@@ -178,7 +178,7 @@ def _rpc(wrapper: WorkerWrapperBase, method: str, args: tuple):
 def test_weight_rpcs_cross_vllms_encoding_into_the_mixed_in_extension(monkeypatch, tmp_path):
     from safetensors.torch import save_file
 
-    from rlsr_ray.weight_sync import RouteSettings, TensorSpec
+    from rlsr_ray.weight_group import RouteSettings, TensorSpec
 
     wrapper = _wrapper_with_extension(monkeypatch)
     assert isinstance(wrapper.worker, vb.WeightLoaderExtension) and isinstance(wrapper.worker, GPUWorker)
@@ -188,7 +188,7 @@ def test_weight_rpcs_cross_vllms_encoding_into_the_mixed_in_extension(monkeypatc
     torch.testing.assert_close(wrapper.worker.model_runner.loaded["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
 
     joined = {}
-    monkeypatch.setattr("rlsr_ray.weight_sync.WeightGroup",
+    monkeypatch.setattr("rlsr_ray.weight_group.WeightGroup",
                         lambda address, rank, settings: joined.update(address=address, rank=rank, settings=settings))
     settings = RouteSettings(3, "nccl", "bfloat16", 64 << 20, 30.0)
     specs = [TensorSpec("lm_head.weight", (QWEN_LOGITS, 896))]

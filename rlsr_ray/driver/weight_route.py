@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.pool import ActorFailure, Pool
-from rlsr_ray.weight_sync import RouteSettings
+from rlsr_ray.weight_group import RouteSettings
 
 log = logging.getLogger("rlsr_ray")
 

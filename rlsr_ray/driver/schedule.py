@@ -11,8 +11,8 @@ from typing import Any
 
 from rlsr_ray import data
 from rlsr_ray.config import Config
-from rlsr_ray.step import sampling_spec
-from rlsr_ray.pipeline import (Generation, Pools, fetch_rollouts, finish_generation, loaded_generation,
+from rlsr_ray.driver.step import sampling_spec
+from rlsr_ray.driver.pipeline import (Generation, Pools, fetch_rollouts, finish_generation, loaded_generation,
                                start_generation)
 
 

@@ -25,7 +25,7 @@ from actors.pool import Pool
 from actors.sampling import SamplingSpec
 from rlsr_ray import batch
 from rlsr_ray.selection import contiguous, pieces, used
-from rlsr_ray.weight_route import WeightRoute
+from rlsr_ray.driver.weight_route import WeightRoute
 
 log = logging.getLogger("rlsr_ray")
 

@@ -21,8 +21,8 @@ import pyarrow as pa
 from actors.sampling import SamplingSpec
 from rlsr_ray import batch
 from rlsr_ray.config import Config
-from rlsr_ray.grpo import group_advantages, informative_groups
-from rlsr_ray.pipeline import (Generation, Pools, Scored, finish_generation, nonfinite_reason, score,
+from rlsr_ray.algo.grpo import group_advantages, informative_groups
+from rlsr_ray.driver.pipeline import (Generation, Pools, Scored, finish_generation, nonfinite_reason, score,
                                start_generation, sync_weights)
 from rlsr_ray.plan import StepPlan, minibatch_rows
 from rlsr_ray.selection import MinibatchParts, pieces, runs, used

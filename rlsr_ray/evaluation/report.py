@@ -129,7 +129,7 @@ def build(root: Path) -> Path:
                      "ties count half.</p>")
         if "caution" in j:
             parts.append(f"<p><b>Caution:</b> {html.escape(j['caution'])}</p>")
-        # A judge not marked vetted gives votes, not win rates (rlsr_ray.eval.judge_pairs).
+        # A judge not marked vetted gives votes, not win rates (rlsr_ray.evaluation.eval.judge_pairs).
         group = "win_rates" if "win_rates" in j else "votes"
         what = "X's win rate %" if group == "win_rates" else "X's share of the judge's votes %"
         parts.append(f"<table><tr><th>X vs Y</th><th>{what}</th><th>length-controlled %</th>"

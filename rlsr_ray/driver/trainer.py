@@ -19,9 +19,9 @@ from typing import Any, Callable
 from actors.pool import ActorFailure, PoolTimeout
 from rlsr_ray import checkpoint, data
 from rlsr_ray.config import Config
-from rlsr_ray.step import Pools, rlsr_step, sync_weights
-from rlsr_ray.pipeline import settle_loads
-from rlsr_ray.schedule import Schedule
+from rlsr_ray.driver.step import Pools, rlsr_step, sync_weights
+from rlsr_ray.driver.pipeline import settle_loads
+from rlsr_ray.driver.schedule import Schedule
 from rlsr_ray.metrics import MetricsWriter, truncate_metrics
 from rlsr_ray.plan import StepPlan, step_plan
 
@@ -95,7 +95,7 @@ def _load_into_pools(pools: Pools, out: Path, folder: Path | None, state: dict[s
 
 def baseline_eval(pools: Pools, heldout, max_new_tokens: int, out: Path) -> dict[str, Any]:
     """The 'before' evaluation, computed once per output dir so a resumed run compares with it."""
-    from rlsr_ray.heldout import heldout_similarity
+    from rlsr_ray.driver.heldout import heldout_similarity
 
     path = out / "heldout_before.json"
     if path.exists():

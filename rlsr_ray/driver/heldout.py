@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from actors.sampling import SamplingSpec
-from rlsr_ray.pipeline import Pools, fetch_rollouts, finish_generation, score, start_generation
+from rlsr_ray.driver.pipeline import Pools, fetch_rollouts, finish_generation, score, start_generation
 
 
 def answers(pools: Pools, prompts: pa.Table, spec: SamplingSpec) -> list[dict[str, Any]]:

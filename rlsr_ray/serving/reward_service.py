@@ -15,7 +15,7 @@ import pyarrow as pa
 from ray import serve
 
 from rlsr_ray import batch
-from rlsr_ray.reward import PenaltyRule
+from rlsr_ray.algo.reward import PenaltyRule
 
 
 @serve.deployment
@@ -23,7 +23,7 @@ class RewardService:
     def __init__(self, model_path: str, rule: PenaltyRule, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, device: str = "cpu", torch_threads: int = 1):
         from actors.reward import RewardActor
-        from rlsr_ray.serve_loopback import replica_grpc_on_loopback
+        from rlsr_ray.serving.loopback import replica_grpc_on_loopback
 
         replica_grpc_on_loopback()
         self.scorer = RewardActor(model_path, rule, device=device, torch_threads=torch_threads)

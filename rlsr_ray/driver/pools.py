@@ -1,0 +1,115 @@
+"""The pools a run needs, built from the config: rollout, reward (or the shared reward service),
+reference and the learner group, plus the learner -> rollout weight route."""
+from __future__ import annotations
+
+from rlsr_ray.config import Config, pool_device, uses_weight_route
+
+
+def learner_settings(cfg: Config, lr: float, micro_steps: int):
+    """The learner's settings from the config (rlsr_ray.sft passes its own learning rate)."""
+    from actors.learner import LearnerSettings
+    from rlsr_ray.algo.loss import LossSettings
+
+    a, t = cfg.algo, cfg.train
+    return LearnerSettings(
+        lr=lr, adam_betas=t.adam_betas, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+        zero_stage=t.zero_stage, micro_batch_size=t.micro_batch_size, micro_steps=micro_steps,
+        loss=LossSettings(a.clip_eps, a.kl_coef, a.kl_estimator, a.loss_aggregation),
+        temperature=_temperature(cfg), compute_dtype=cfg.model.compute_dtype,
+        recompute_old_logprobs=a.recompute_old_logprobs, seed=cfg.run.seed, optimizer=t.optimizer,
+    )
+
+
+def learner_pool(cfg: Config, policy_path: str):
+    """The learner pool's actors, created (they load the policy) but not yet in a group."""
+    from actors.learner import LearnerActor
+    from actors.pool import Pool
+    from rlsr_ray.plan import step_plan
+
+    p = cfg.pools.learner
+    plan = step_plan(cfg)
+    settings = learner_settings(cfg, cfg.train.lr, plan.micro_steps)
+    # No Ray restarts: a learner group is rebuilt whole and reloaded from a checkpoint (trainer.py).
+    return Pool("learner", LearnerActor, p, dict(
+        policy_path=policy_path, settings=settings, world_size=plan.learner_world_size,
+        device=pool_device(p), torch_threads=p.torch_threads, cache_dir=cfg.model.cache_dir),
+        ray_restarts=False, **_timeouts(cfg))
+
+
+def start_setup(learner):
+    """Start the learners' DeepSpeed setup in one group; returns the pending setup. The
+    rendezvous call waits for every learner's constructor (the policy loaded)."""
+    meet = learner.call("rendezvous", [()] * learner.size)[0]  # rank 0's choice for everyone
+    return learner.broadcast("setup", meet)
+
+
+def _temperature(cfg: Config) -> float:
+    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+
+
+def _timeouts(cfg: Config) -> dict[str, float]:
+    return dict(placement_timeout_s=cfg.ray.placement_timeout_s, call_timeout_s=cfg.ray.call_timeout_s)
+
+
+def rollout_pool(cfg: Config, policy_path: str):
+    from actors.pool import Pool
+    from actors.rollout import RolloutActor
+
+    p, r = cfg.pools.rollout, cfg.rollout
+    return Pool("rollout", RolloutActor, p, dict(
+        policy_path=policy_path, backend=r.backend, compute_dtype=cfg.model.compute_dtype,
+        device=pool_device(p), torch_threads=p.torch_threads, generate_batch_size=r.generate_batch_size,
+        vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization, seed=cfg.run.seed), **_timeouts(cfg))
+
+
+def reward_pool(cfg: Config, reward_path: str):
+    """The reward pool, or the shared reward service when reward_service.enabled."""
+    from actors.pool import Pool
+    from actors.reward import RewardActor
+    from rlsr_ray.algo.reward import PenaltyRule
+
+    p, a = cfg.pools.reward, cfg.algo
+    if cfg.reward_service.enabled:
+        from rlsr_ray.serving import reward_service
+
+        return reward_service.connect(cfg, pool_device(p))
+    return Pool("reward", RewardActor, p, dict(
+        model_path=reward_path, rule=PenaltyRule(a.lcs_min_chars, a.lcs_min_fraction, a.lcs_penalty),
+        device=pool_device(p), torch_threads=p.torch_threads), **_timeouts(cfg))
+
+
+def build_pools(cfg: Config, policy_path: str, reward_path: str):
+    from actors.pool import Pool
+    from actors.reference import ReferenceActor
+    from rlsr_ray.driver.step import Pools
+    from rlsr_ray.plan import step_plan
+
+    p, t = cfg.pools, cfg.train
+    # Every pool's actors are created before the first call to any of them, so all load at once
+    # (the learners' rendezvous waits for their constructors); the learners' setup then proceeds
+    # while the others finish loading.
+    learner = learner_pool(cfg, policy_path)
+    rollout = rollout_pool(cfg, policy_path)
+    reward = reward_pool(cfg, reward_path)
+    reference = Pool("reference", ReferenceActor, p.reference, dict(
+        policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=pool_device(p.reference),
+        torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
+        temperature=_temperature(cfg)), **_timeouts(cfg))
+    learner.get(start_setup(learner), "setup")
+    pools = Pools(rollout, reward, reference, learner, route=weight_route(cfg),
+                  defer_loads=cfg.algo.max_staleness >= 2)
+    if pools.route is not None and pools.route.usable(learner, rollout):
+        pools.route.open(learner, rollout)  # both start from the same policy: nothing to send yet
+    return pools, step_plan(cfg)
+
+
+def weight_route(cfg: Config):
+    from rlsr_ray.driver.weight_route import WeightRoute
+
+    r, p = cfg.rollout, cfg.pools
+    if not uses_weight_route(cfg):
+        return None
+    backend = r.weight_sync_backend
+    if backend == "auto":
+        backend = "nccl" if pool_device(p.learner) == "cuda" and pool_device(p.rollout) == "cuda" else "gloo"
+    return WeightRoute(backend, int(r.weight_bucket_mb * 1e6), r.weight_sync_timeout_s)
