@@ -42,13 +42,15 @@ class RolloutActor:
         group_ids = prompts.column("group_id").to_pylist()
         groups = self.backend.generate(prompt_ids, spec, keys=group_ids)
         cols: dict[str, list] = {f.name: [] for f in batch.ROLLOUTS}
-        for gid, pids, ref, samples in zip(group_ids, prompt_ids,
-                                           prompts.column("reference_text").to_pylist(), groups):
+        texts = zip(*(prompts.column(c).to_pylist() for c in ("reference_text", "prompt_text", "data_json")))
+        for gid, pids, (ref, text, extra), samples in zip(group_ids, prompt_ids, texts, groups):
             for k, s in enumerate(samples):
                 cols["group_id"].append(gid)
                 cols["sample_idx"].append(k)
                 cols["prompt_ids"].append(pids)
                 cols["reference_text"].append(ref)
+                cols["prompt_text"].append(text)
+                cols["data_json"].append(extra)
                 cols["response_ids"].append(s.response_ids)
                 cols["response_text"].append(self.tok.decode(s.response_ids, skip_special_tokens=True))
                 cols["rollout_logprobs"].append(s.logprobs)

@@ -41,7 +41,8 @@ class DataOnlyRollout:
         rep = lambda col: [x for x in prompts.column(col).to_pylist() for _ in range(n)]  # noqa: E731
         table = pa.Table.from_pydict({
             "group_id": rep("group_id"), "sample_idx": list(range(n)) * len(prompts), "prompt_ids": rep("prompt_ids"),
-            "reference_text": rep("reference_text"), "response_ids": resp,
+            "reference_text": rep("reference_text"), "prompt_text": rep("prompt_text"),
+            "data_json": rep("data_json"), "response_ids": resp,
             "response_text": ["x" * (4 * self.L)] * rows, "rollout_logprobs": lps, "finish_reason": ["length"] * rows,
             "policy_version": [self.version] * rows}, schema=batch.ROLLOUTS)
         table = batch.check(table, batch.ROLLOUTS, "rollout output")
@@ -63,9 +64,8 @@ class DataOnlyReward:
         t = batch.check(gather(tables, selection, batch.ROLLOUTS), batch.ROLLOUTS, "reward input")
         r = self.rng.random(len(t), dtype=np.float32)
         out = pa.table({"group_id": t.column("group_id"), "sample_idx": t.column("sample_idx"),
-                        "reward": pa.array(r), "similarity": pa.array(r), "lcs_chars": pa.array([0] * len(t), pa.int32()),
-                        "lcs_penalized": pa.array([False] * len(t))})
-        return batch.check(out, batch.REWARDS, "reward output")
+                        "reward": pa.array(r), "similarity": pa.array(r)})
+        return batch.check_rewards(out, "reward output")
 
 
 class DataOnlyReference:
@@ -135,7 +135,8 @@ def main() -> None:
                   Pool("learner", DataOnlyLearner, pc, {}))
     rng = np.random.default_rng(0)
     tok = data.Tokenized([rng.integers(0, 49152, args.prompt_tokens).tolist() for _ in range(args.prompts)],
-                         ["a reference answer " * 20] * args.prompts, 0, 0)
+                         ["a reference answer " * 20] * args.prompts, 0, 0, ["a question"] * args.prompts,
+                         ["{}"] * args.prompts)
     times = []
     for step in range(args.steps):
         prompts = data.prompts_table(tok, list(range(args.prompts)), first_group_id=step * args.prompts)

@@ -55,7 +55,8 @@ def prompts_table(tok, n: int) -> pa.Table:
                                    tokenize=True) for i in range(n)]
     ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "input_ids") else list(x) for x in ids]
     return pa.table({"group_id": pa.array(range(n), pa.int64()), "prompt_ids": pa.array(ids, pa.list_(pa.int32())),
-                     "reference_text": pa.array(["ref"] * n)})
+                     "reference_text": pa.array(["ref"] * n), "prompt_text": pa.array(qs[:1] * n),
+                     "data_json": pa.array(["{}"] * n)})
 
 
 def fake_train_table(rolled: pa.Table, ref: pa.Table) -> pa.Table:
@@ -64,8 +65,7 @@ def fake_train_table(rolled: pa.Table, ref: pa.Table) -> pa.Table:
     lengths = np.array([len(x) for x in rolled.column("response_ids").to_pylist()], np.float32)
     reward = (lengths / max(lengths.max(), 1)).astype(np.float32)
     rewards = pa.table({"group_id": rolled.column("group_id"), "sample_idx": rolled.column("sample_idx"),
-                        "reward": reward, "similarity": reward, "lcs_chars": pa.array([0] * n, pa.int32()),
-                        "lcs_penalized": pa.array([False] * n)})
+                        "reward": reward})
     joined = batch.join(batch.join(rolled, rewards, "r"), ref, "ref")
     adv = group_advantages(reward, rolled.column("group_id").to_numpy(), True)
     adv = adv + np.random.default_rng(0).normal(0, 0.5, n).astype(np.float32)  # ties would zero every group

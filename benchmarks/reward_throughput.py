@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlsr_ray import batch, data  # noqa: E402
 from rlsr_ray.models import MINILM, resolve_reward_model  # noqa: E402
-from rlsr_ray.algo.reward import PenaltyRule  # noqa: E402
+from rlsr_ray.algo.terms import paper  # noqa: E402
 
 
 def rollouts(rows: int) -> pa.Table:
@@ -34,7 +34,8 @@ def rollouts(rows: int) -> pa.Table:
     responses = refs[1:] + refs[:1]
     return pa.Table.from_pydict({
         "group_id": list(range(rows)), "sample_idx": [0] * rows, "prompt_ids": [[1]] * rows,
-        "reference_text": refs, "response_ids": [[5]] * rows, "response_text": responses,
+        "reference_text": refs, "prompt_text": ["q"] * rows, "data_json": ["{}"] * rows, "response_ids": [[5]] * rows,
+        "response_text": responses,
         "rollout_logprobs": [[-1.0]] * rows, "finish_reason": ["stop"] * rows, "policy_version": [0] * rows,
     }, schema=batch.ROLLOUTS)
 
@@ -71,7 +72,7 @@ def main() -> int:
 
     from actors.reward import RewardActor
 
-    actor = RewardActor(path, PenaltyRule())
+    actor = RewardActor(paper(path))
     seconds["reward role in-process (cached references)"] = timed(lambda: actor.score(table), args.repeats)
 
     from rlsr_ray.driver.ray_session import single_node_mode
@@ -86,11 +87,11 @@ def main() -> int:
 
     ray.init(address="local", num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        pool = Pool("reward", RewardActor, PoolConfig(num_actors=1), dict(model_path=path, rule=PenaltyRule()))
+        pool = Pool("reward", RewardActor, PoolConfig(num_actors=1), dict(terms=paper(path)))
         seconds["reward pool (Ray actor, object store)"] = timed(
             lambda: pool.call("score", [(ray.put(table),)]), args.repeats)
         pool.shutdown()
-        handle = serve.run(deployment(path, PenaltyRule(), max_batch_size=8, batch_wait_timeout_s=0.01),
+        handle = serve.run(deployment(paper(path), max_batch_size=8, batch_wait_timeout_s=0.01),
                            name="rlsr_reward", route_prefix=None)
         seconds["reward service (Ray Serve, one caller)"] = timed(
             lambda: handle.score.remote(table).result(timeout_s=300), args.repeats)

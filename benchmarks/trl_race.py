@@ -4,7 +4,7 @@ Equal: model (SmolLM2-135M-Instruct), compute dtype (bf16 autocast where the CPU
 AVX512-BF16, else float32, as rlsr_ray's `auto`), group size 8, 4 prompts per step, 48 new
 tokens, temperature 0.8, two optimizer steps per generation of 32 completions, lr 3e-5 constant,
 AdamW betas (0.9, 0.95), clip 0.2, KL coefficient 0.001 to the initial policy, gradient clip 1.0,
-token-mean loss, and the same reward (MiniLM cosine + LCS copy penalty, rlsr_ray.algo.reward's code).
+token-mean loss, and the same reward (MiniLM cosine + LCS copy penalty, rlsr_ray.algo.terms' code).
 TRL runs in this process on both cores; rlsr_ray runs its default preset (pools on Ray).
 rlsr_ray runs twice (VARIANTS below). Each side's time is its training loop only (model loading and Ray start excluded): rlsr_ray's
 summed `step_s`, TRL's on_train_begin -> on_train_end.
@@ -61,13 +61,12 @@ def run_trl(steps: int, out: Path) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from rlsr_ray import data
     from rlsr_ray.models import resolve_policy, resolve_reward_model
     from rlsr_ray.policy import resolve_compute_dtype
-    from rlsr_ray.algo.reward import PenaltyRule, cosine_rows, rlsr_rewards
+    from rlsr_ray.algo import terms as T
 
     if trl.__version__ != TRL_VERSION:
         raise SystemExit(f"trl {trl.__version__} is installed; this race is pinned to {TRL_VERSION}")
@@ -76,14 +75,12 @@ def run_trl(steps: int, out: Path) -> dict:
     bf16 = resolve_compute_dtype("auto", "cpu") == "bfloat16"
     train, _ = data.split_heldout(data.load_examples(None), 60, 0)
     ds = Dataset.from_list([{"prompt": list(e.messages), "reference": e.reference} for e in train])
-    encoder = SentenceTransformer(resolve_reward_model("minilm-l6-v2"), device="cpu")
-    rule = PenaltyRule()
+    specs = T.paper(resolve_reward_model("minilm-l6-v2"))
+    terms = [T.build(s) for s in specs]
 
     def rlsr_reward(completions, reference, **_):
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-        sim = cosine_rows(encoder.encode(texts, batch_size=64, convert_to_numpy=True),
-                          encoder.encode(list(reference), batch_size=64, convert_to_numpy=True))
-        return [float(x) for x in rlsr_rewards(sim, texts, list(reference), rule)[0]]
+        return [float(x) for x in T.score(specs, terms, [""] * len(texts), texts, list(reference), {})[0]]
 
     times: dict[str, float] = {}
 

@@ -20,6 +20,8 @@ PROMPTS = pa.schema([
     pa.field("group_id", pa.int64(), nullable=False),  # one prompt = one GRPO group
     pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),  # chat template applied
     pa.field("reference_text", pa.string(), nullable=False),  # the human reference answer
+    pa.field("prompt_text", pa.string(), nullable=False),  # the last user turn, for reward terms
+    pa.field("data_json", pa.string(), nullable=False),  # the data row's other fields, a JSON object
 ])
 
 ROLLOUTS = pa.schema([
@@ -27,6 +29,8 @@ ROLLOUTS = pa.schema([
     pa.field("sample_idx", pa.int32(), nullable=False),  # 0..n-1 within the group
     pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("reference_text", pa.string(), nullable=False),
+    pa.field("prompt_text", pa.string(), nullable=False),
+    pa.field("data_json", pa.string(), nullable=False),
     pa.field("response_ids", pa.list_(pa.int32()), nullable=False),  # [L] generated, EOS included if produced
     pa.field("response_text", pa.string(), nullable=False),  # decoded without special tokens
     pa.field("rollout_logprobs", pa.list_(pa.float32()), nullable=False),  # [L] log pi_old(token)
@@ -37,11 +41,8 @@ ROLLOUTS = pa.schema([
 REWARDS = pa.schema([
     pa.field("group_id", pa.int64(), nullable=False),
     pa.field("sample_idx", pa.int32(), nullable=False),
-    pa.field("reward", pa.float32(), nullable=False),  # similarity, or the penalty when copying
-    pa.field("similarity", pa.float32(), nullable=False),  # cosine(response, reference) embeddings
-    pa.field("lcs_chars", pa.int32(), nullable=False),  # longest common substring length
-    pa.field("lcs_penalized", pa.bool_(), nullable=False),
-])
+    pa.field("reward", pa.float32(), nullable=False),  # the weighted sum of the terms (algo/terms.py)
+])  # ... then one float32 column per reward term, named by it (check_rewards)
 
 REF_LOGPROBS = pa.schema([
     pa.field("group_id", pa.int64(), nullable=False),
@@ -91,6 +92,15 @@ def check(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
     table = table.cast(schema)  # carry the nullability flags of the contract
     _check_invariants(table, where)
     return table
+
+
+def check_rewards(table: pa.Table, where: str) -> pa.Table:
+    """check() for REWARDS: the key and `reward`, then each reward term's own float32 column."""
+    if not isinstance(table, pa.Table):
+        raise BatchError(f"{where}: expected a pyarrow.Table, got {type(table).__name__}")
+    terms = [n for n in table.column_names if n not in REWARDS.names]
+    schema = pa.schema(list(REWARDS) + [pa.field(n, pa.float32(), nullable=False) for n in terms])
+    return check(table, schema, where)
 
 
 def _list_lengths(table: pa.Table, name: str) -> np.ndarray:

@@ -17,6 +17,13 @@ def split_preset(argv: list[str]) -> tuple[str, list[str]]:
     return "default", list(argv)
 
 
+def error_line(e: BaseException) -> str:
+    """The user's line for an error. One raised inside a Ray actor (a reward term's) arrives wrapped,
+    the actor's traceback in its text; the error it wraps is what the user needs."""
+    cause = getattr(e, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else e)
+
+
 def command(argv: list[str] | None, usage: str, work: Callable[[list[str]], dict[str, Any]],
             user_errors: tuple[type[BaseException], ...], timeouts: tuple[type[BaseException], ...] = ()) -> int:
     """Run work(arguments); a user error (bad config, data, model, ...) is one line and exit 2, a
@@ -29,7 +36,7 @@ def command(argv: list[str] | None, usage: str, work: Callable[[list[str]], dict
     try:
         result = work(argv)
     except user_errors as e:
-        print(f"rlsr_ray: error: {e}", file=sys.stderr)
+        print(f"rlsr_ray: error: {error_line(e)}", file=sys.stderr)
         return 2
     except timeouts as e:
         print(f"rlsr_ray: error: {e}", file=sys.stderr)

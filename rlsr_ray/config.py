@@ -1,15 +1,14 @@
 """Typed run configuration: frozen dataclasses, YAML presets, dotted command-line overrides.
 
-Every key is declared here with its type; loading a preset or an override walks these types, so an
-unknown key or a value of the wrong type fails with one line naming the key and what is allowed.
+Every key is declared here with its type; loading a preset or an override walks these types
+(config_build.py), so an unknown key or a value of the wrong type fails with one line naming the
+key and what is allowed.
 Derived values (world sizes, micro-batch counts) live in plan.py, never written back here.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,9 +16,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad preset, key or value; the message is one line meant for the user."""
+from rlsr_ray.config_build import ConfigError, build, merge, parse_override
 
 
 @dataclass(frozen=True)
@@ -91,6 +88,26 @@ class AlgoConfig:
     dynamic_sampling: bool = False
     group_spread_rtol: float = 0.01
     max_refill_rounds: int = 2
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    name: str  # its REWARDS column, and reward_<name>_mean in metrics.jsonl
+    # What computes it: a built-in (similarity, copy_penalty, length, rouge_l), or a user's
+    # "module:function" / "module:Class" (README, "Your own reward"); None: the built-in `name`.
+    fn: Optional[str] = None
+    weight: float = 1.0  # reward = sum of weight x term (copy_penalty has none: it replaces the sum)
+    model: Optional[str] = None  # similarity: a sentence-transformers model; None: model.reward_model
+    args: dict[str, Any] = field(default_factory=dict)  # a class's constructor keywords, a built-in's options
+
+
+BUILTIN_TERMS = ("similarity", "copy_penalty", "length", "rouge_l")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    # The paper's RLSR: embedding cosine to the reference, replaced by algo.lcs_penalty for copies.
+    terms: tuple[RewardTerm, ...] = (RewardTerm("similarity"), RewardTerm("copy_penalty"))
 
 
 @dataclass(frozen=True)
@@ -214,6 +231,7 @@ class Config:
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
     algo: AlgoConfig = AlgoConfig()
+    reward: RewardConfig = RewardConfig()
     train: TrainConfig = TrainConfig()
     pools: PoolsConfig = PoolsConfig()
     ray: RayConfig = RayConfig()
@@ -223,97 +241,13 @@ class Config:
     run: RunConfig = RunConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML-ready values: lists where the config holds tuples."""
+        def plain(v: Any) -> Any:
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
-
-# ---------------------------------------------------------------------------------------------
-# Building a Config from nested dicts, with type checks that name the key.
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Literal:
-        if value not in args:
-            allowed = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {allowed}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-6" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - schema bug
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in values.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"unknown config key {key!r}; known keys here: {', '.join(names)}")
-        kwargs[k] = _coerce(key, v, hints[k])
-    return cls(**kwargs)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "resources":
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def parse_override(arg: str) -> tuple[list[str], Any]:
-    """`--section.key=value` -> (["section", "key"], value parsed as YAML scalar)."""
-    if not arg.startswith("--") or "=" not in arg:
-        raise ConfigError(f"bad argument {arg!r}; expected --section.key=value")
-    key, raw = arg[2:].split("=", 1)
-    parts = key.split(".")
-    if len(parts) < 2 or not all(parts):
-        raise ConfigError(f"bad key {key!r}; expected section.key, e.g. --run.steps=10")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
+        return plain(dataclasses.asdict(self))
 
 
 def preset_names() -> list[str]:
@@ -351,8 +285,8 @@ def load_config(preset: str = "default", overrides: list[str] | tuple[str, ...] 
         nested: Any = value
         for p in reversed(parts):
             nested = {p: nested}
-        data = _merge(data, nested)
-    cfg = _build(Config, data)
+        data = merge(data, nested)
+    cfg = build(Config, data)
     validate(cfg)
     return cfg
 
@@ -364,8 +298,8 @@ def with_values(cfg: Config, values: dict[str, Any]) -> Config:
         nested: Any = value
         for p in reversed(key.split(".")):
             nested = {p: nested}
-        data = _merge(data, nested)
-    out = _build(Config, data)
+        data = merge(data, nested)
+    out = build(Config, data)
     validate(out)
     return out
 
@@ -470,8 +404,36 @@ def validate(cfg: Config) -> None:
          f"must be in [1, reward_service.max_replicas={rs.max_replicas}]", rs.min_replicas)
     need(cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints", "must be >= 0", cfg.run.keep_checkpoints)
     need(cfg.run.save_every >= 0, "run.save_every", "must be >= 0", cfg.run.save_every)
+    _validate_terms(cfg.reward.terms, need)
     world = max(1, cfg.pools.learner.num_actors)
     rows_mb = t.mini_batch_prompts * r.samples_per_prompt
     need(rows_mb % world == 0, "train.mini_batch_prompts",  # the plan splits each mini-batch evenly
          f"train.mini_batch_prompts x rollout.samples_per_prompt = {rows_mb} sequences must divide evenly "
          f"over {world} learners", t.mini_batch_prompts)
+
+
+def _validate_terms(terms: tuple[RewardTerm, ...], need) -> None:
+    """What a term's fields alone tell; reward terms are imported and their signatures checked
+    when a command loads them (rlsr_ray.algo.terms.load_terms), before anything starts."""
+    import math
+    import re
+
+    need(len(terms) >= 1, "reward.terms", "needs at least one term", list(terms))
+    names = [t.name for t in terms]
+    for i, t in enumerate(terms):
+        key = f"reward.terms[{i}]"
+        need(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t.name) is not None, f"{key}.name",
+             "must be an identifier (it names a column and a metric)", t.name)
+        need(t.name not in ("reward", "group_id", "sample_idx"), f"{key}.name", "is a REWARDS key column", t.name)
+        need(names.count(t.name) == 1, f"{key}.name", "names another term too", t.name)
+        fn = t.fn or t.name
+        need(fn in BUILTIN_TERMS or re.fullmatch(r"[\w.]+:[\w.]+", fn) is not None, f"{key}.fn",
+             f"must be a built-in ({', '.join(BUILTIN_TERMS)}) or module:function", fn)
+        need(math.isfinite(t.weight), f"{key}.weight", "must be finite", t.weight)
+        need(fn != "copy_penalty" or t.weight == 1.0, f"{key}.weight",
+             "copy_penalty has no weight: a copy's reward is algo.lcs_penalty, whatever the sum", t.weight)
+        need(t.model is None or fn == "similarity", f"{key}.model", "only a similarity term takes a model", t.model)
+    need([t.fn or t.name for t in terms].count("copy_penalty") <= 1, "reward.terms", "holds copy_penalty twice",
+         names)
+    need(any((t.fn or t.name) != "copy_penalty" for t in terms), "reward.terms",
+         "copy_penalty needs a term it can replace", names)

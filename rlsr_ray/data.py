@@ -30,6 +30,19 @@ class DataError(ValueError):
 class Example:
     messages: tuple[dict[str, str], ...]  # conversation ending with a user turn
     reference: str  # the human reference answer
+    extra: str = "{}"  # the row's other fields as a JSON object: reward terms read them
+
+
+def instruction_text(messages) -> str:
+    """The prompt as text (a judge's instruction, a reward term's prompt): the user's message, or
+    the whole conversation."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _extra(rec: dict[str, Any], used: tuple[str, ...]) -> str:
+    return json.dumps({k: v for k, v in rec.items() if k not in used}, default=str)
 
 
 def _text(src: str, row: int, rec: dict[str, Any], name: str, required: bool = True) -> str:
@@ -49,15 +62,18 @@ def parse_record(rec: Any, src: str, row: int) -> Example:
     if not isinstance(rec, dict):
         raise DataError(f"{src}:{row}: expected a JSON object, got {type(rec).__name__}")
     if "messages" in rec:
-        return _parse_messages(rec["messages"], src, row)
+        ex = _parse_messages(rec["messages"], src, row)
+        return Example(ex.messages, ex.reference, _extra(rec, ("messages",)))
     if "instruction" in rec:
         instruction = _text(src, row, rec, "instruction")
         extra = _text(src, row, rec, "input", required=False)
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return Example(({"role": "user", "content": prompt},), _text(src, row, rec, "output"))
+        return Example(({"role": "user", "content": prompt},), _text(src, row, rec, "output"),
+                       _extra(rec, ("instruction", "input", "output")))
     if "prompt" in rec:
         prompt = _text(src, row, rec, "prompt")
-        return Example(({"role": "user", "content": prompt},), _text(src, row, rec, "response"))
+        return Example(({"role": "user", "content": prompt},), _text(src, row, rec, "response"),
+                       _extra(rec, ("prompt", "response")))
     raise DataError(
         f"{src}:{row}: unrecognised row with fields {sorted(rec)}; expected prompt/response, "
         "instruction/input/output or messages"
@@ -146,6 +162,8 @@ class Tokenized:
     references: list[str]
     truncated: int  # prompts cut to max_prompt_tokens
     dropped: int  # prompts dropped for length
+    prompt_texts: list[str]  # instruction_text of each kept prompt
+    extras: list[str]  # Example.extra of each kept prompt
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -158,7 +176,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 def tokenize(examples: list[Example], tokenizer: Any, max_prompt_tokens: int, overflow: str,
              system_prompt: str | None = None) -> Tokenized:
-    ids_out, refs, truncated, dropped = [], [], 0, 0
+    ids_out, refs, texts, extras, truncated, dropped = [], [], [], [], 0, 0
     for ex in examples:
         msgs = list(ex.messages)
         if system_prompt:
@@ -173,9 +191,11 @@ def tokenize(examples: list[Example], tokenizer: Any, max_prompt_tokens: int, ov
             truncated += 1
         ids_out.append(ids)
         refs.append(ex.reference)
+        texts.append(instruction_text(ex.messages))
+        extras.append(ex.extra)
     if not ids_out:
         raise DataError(f"every prompt is longer than data.max_prompt_tokens={max_prompt_tokens}")
-    return Tokenized(ids_out, refs, truncated, dropped)
+    return Tokenized(ids_out, refs, truncated, dropped, texts, extras)
 
 
 class PromptCursor:
@@ -213,6 +233,8 @@ def prompts_table(data: Tokenized, indices: list[int], first_group_id: int) -> p
             "group_id": pa.array(range(first_group_id, first_group_id + len(indices)), pa.int64()),
             "prompt_ids": pa.array([data.prompt_ids[i] for i in indices], pa.list_(pa.int32())),
             "reference_text": pa.array([data.references[i] for i in indices], pa.string()),
+            "prompt_text": pa.array([data.prompt_texts[i] for i in indices], pa.string()),
+            "data_json": pa.array([data.extras[i] for i in indices], pa.string()),
         }
     )
     return batch.check(table, batch.PROMPTS, "prompts")

@@ -57,18 +57,25 @@ def local_ray():
         ray.shutdown()
 
 
+# The paper's reward plus a user's term (tests/reward_fns.py, importable as a user's module is:
+# on the path of the command and so of its Ray workers).
+USER_TERMS = ('--reward.terms=[{name: similarity}, {name: copy_penalty}, '
+              '{name: brevity, fn: "reward_fns:brevity", weight: 0.1}]')
+TESTS_ON_PATH = {"PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """`python -m rlsr_ray.run tiny --run.steps=3` once per session, on the local Ray it starts,
-    with a Ray auth token of its own: (output folder, log text, token, every socket its session
-    listened on, read each second through the run). tests/test_e2e.py checks it;
+    """`python -m rlsr_ray.run tiny --run.steps=3` with USER_TERMS once per session, on the local
+    Ray it starts, with a Ray auth token of its own: (output folder, log text, token, every socket
+    its session listened on, read each second through the run). tests/test_e2e.py checks it;
     tests/test_reward_service.py compares a run through the reward service with it."""
     from listeners import command_listeners
 
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     secret = "5ecre7" + os.urandom(13).hex()
     log = out.parent / "driver.log"
-    code, seen = command_listeners(["rlsr_ray.run", "tiny", f"--run.output_dir={out}", "--run.steps=3"], log,
-                                   timeout_s=900, PYTHONUNBUFFERED="1", RAY_AUTH_TOKEN=secret)
+    code, seen = command_listeners(["rlsr_ray.run", "tiny", f"--run.output_dir={out}", "--run.steps=3", USER_TERMS],
+                                   log, timeout_s=900, PYTHONUNBUFFERED="1", RAY_AUTH_TOKEN=secret, **TESTS_ON_PATH)
     assert code == 0, log.read_text()[-3000:]
     return out, log.read_text(), secret, seen

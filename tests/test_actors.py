@@ -15,7 +15,7 @@ from actors.sampling import SamplingSpec
 from rlsr_ray import batch, data
 from rlsr_ray.driver.step import build_train_table
 from rlsr_ray.algo.loss import LossSettings
-from rlsr_ray.algo.reward import PenaltyRule
+from rlsr_ray.algo.terms import paper
 
 SPEC = SamplingSpec(n=4, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=3)
 
@@ -46,7 +46,7 @@ def rollout(tiny_policy):
 
 @pytest.fixture(scope="module")
 def reward(minilm_path):
-    return RewardActor(minilm_path, PenaltyRule())
+    return RewardActor(paper(minilm_path))
 
 
 def test_rollout_rows_follow_contract(rollout, prompts):
@@ -86,13 +86,14 @@ def test_reward_actor_scores_and_penalises(reward):
     ref = "Water boils at 100 degrees Celsius at sea level, which is 212 degrees Fahrenheit. " * 2
     t = pa.Table.from_pydict({
         "group_id": [0, 0, 0], "sample_idx": [0, 1, 2], "prompt_ids": [[1]] * 3, "reference_text": [ref] * 3,
-        "response_ids": [[5]] * 3, "response_text": ["It boils at 100 C.", "Bananas are yellow.", ref],
+        "prompt_text": ["q"] * 3, "data_json": ["{}"] * 3, "response_ids": [[5]] * 3,
+        "response_text": ["It boils at 100 C.", "Bananas are yellow.", ref],
         "rollout_logprobs": [[-1.0]] * 3, "finish_reason": ["stop"] * 3, "policy_version": [0] * 3,
     }, schema=batch.ROLLOUTS)
     out = reward.score(t)
     sim = out.column("similarity").to_pylist()
     assert sim[0] > sim[1] + 0.2 and sim[2] == pytest.approx(1.0, abs=1e-5)
-    assert out.column("lcs_penalized").to_pylist() == [False, False, True]
+    assert out.column("copy_penalty").to_pylist() == [0.0, 0.0, 1.0]
     assert out.column("reward").to_pylist()[2] == -1.0
 
 

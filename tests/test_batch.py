@@ -8,8 +8,8 @@ from rlsr_ray import batch
 def rollouts(n=4, bad_logprob_row=None):
     rows = {
         "group_id": [i // 2 for i in range(n)], "sample_idx": [i % 2 for i in range(n)],
-        "prompt_ids": [[1, 2, 3]] * n, "reference_text": ["ref"] * n,
-        "response_ids": [[5, 6]] * n, "response_text": ["ab"] * n,
+        "prompt_ids": [[1, 2, 3]] * n, "reference_text": ["ref"] * n, "prompt_text": ["q"] * n,
+        "data_json": ["{}"] * n, "response_ids": [[5, 6]] * n, "response_text": ["ab"] * n,
         "rollout_logprobs": [[-0.1, -0.2]] * n, "finish_reason": ["stop"] * n, "policy_version": [0] * n,
     }
     if bad_logprob_row is not None:
@@ -48,8 +48,7 @@ def test_logprob_length_mismatch_names_row():
 
 def test_nan_advantage_rejected():
     t = rollouts(2)
-    extra = {"reward": pa.array([0.1, 0.2], pa.float32()), "similarity": pa.array([0.1, 0.2], pa.float32()),
-             "lcs_chars": pa.array([0, 0], pa.int32()), "lcs_penalized": pa.array([False, False]),
+    extra = {"reward": pa.array([0.1, 0.2], pa.float32()),
              "ref_logprobs": pa.array([[-0.1, -0.2]] * 2, pa.list_(pa.float32())),
              "advantage": pa.array([np.nan, 0.0], pa.float32())}
     for name, col in extra.items():
@@ -94,8 +93,7 @@ def test_nonfinite_rewards_name_the_reason():
     def rewards(values):
         n = len(values)
         return pa.table({"group_id": pa.array(range(n), pa.int64()), "sample_idx": pa.array([0] * n, pa.int32()),
-                         "reward": pa.array(values, pa.float32()), "similarity": pa.array([0.5] * n, pa.float32()),
-                         "lcs_chars": pa.array([0] * n, pa.int32()), "lcs_penalized": pa.array([False] * n)})
+                         "reward": pa.array(values, pa.float32()), "similarity": pa.array([0.5] * n, pa.float32())})
 
     assert nonfinite_reason(rewards([0.1, 0.2])) is None
     assert nonfinite_reason(rewards([0.1, np.nan, np.inf])) == "2 non-finite value(s) in reward"

@@ -59,7 +59,7 @@ def _wait_steps(proc: subprocess.Popen, out, log, steps: int, timeout_s: float =
 BASE = ["tiny", "--ray.address=local", "--run.eval_before_after=false"]
 ARGS = [*BASE, "--run.steps=6", "--run.save_every=1", "--rollout.max_new_tokens=48", "--train.zero_stage=2",
         "--pools.learner.num_actors=2", "--rollout.weight_sync=group"]
-COMPARED = ("loss", "kl", "reward_mean", "similarity_mean", "response_length_mean", "grad_norm", "policy_version")
+COMPARED = ("loss", "kl", "reward_mean", "reward_similarity_mean", "response_length_mean", "grad_norm", "policy_version")
 
 
 # "async": rollouts of the next step are generated while the learners train. A rollout actor

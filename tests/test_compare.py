@@ -59,7 +59,9 @@ def test_every_figure_and_number_in_the_report_comes_from_the_files(finished):
     out, _, _ = finished
     page = (out / "report.html").read_text()
     figures = re.findall(r'<figure data-file="([^"]+)"><img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
-    assert {Path(f).stem for f, _ in figures} == {"reward_mean", "kl", "response_length_mean", "loss"}
+    assert {Path(f).stem for f, _ in figures} == {"reward_mean", "kl", "response_length_mean", "loss",
+                                                  "reward_similarity_mean", "reward_copy_penalty_mean"}
+    assert "reward term similarity" in page  # each reward term's column, from metrics.jsonl to a figure
     for rel, data in figures:
         raw = (out / rel).read_bytes()
         assert raw[:8] == b"\x89PNG\r\n\x1a\n" and base64.b64decode(data) == raw

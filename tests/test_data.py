@@ -90,7 +90,7 @@ def test_tokenize_truncates_or_drops(tiny_tokenizer):
 
 
 def test_cursor_is_deterministic_and_resumable():
-    tok = data.Tokenized([[i + 1] for i in range(10)], [str(i) for i in range(10)], 0, 0)
+    tok = data.Tokenized([[i + 1] for i in range(10)], [str(i) for i in range(10)], 0, 0, ["q"] * 10, ["{}"] * 10)
     c1 = data.PromptCursor(tok, seed=3)
     first = [c1.next_indices(4) for _ in range(6)]  # crosses epoch boundaries
     flat = [i for chunk in first[:5] for i in chunk]

@@ -24,7 +24,7 @@ def _check_outputs(out: Path, steps: int) -> dict:
     # Each step's rollouts come from the weights the previous step produced.
     assert [r["policy_version"] for r in rows] == list(range(steps))
     for r in rows:
-        for k in ("reward_mean", "reward_std", "similarity_mean", "lcs_penalty_rate", "kl", "loss",
+        for k in ("reward_mean", "reward_std", "reward_similarity_mean", "reward_copy_penalty_mean", "kl", "loss",
                   "clip_fraction", "response_length_mean", "rollout_s", "reward_s", "reference_s", "train_s",
                   "weight_sync_s"):
             assert k in r, k
@@ -38,6 +38,11 @@ def test_tiny_preset_on_local_ray(tiny_run):
     out, text, secret, listeners = tiny_run
     assert "started a local Ray instance" in text
     summary = _check_outputs(out, 3)
+    # The user's term (conftest.USER_TERMS) ran in the reward actor and counts with its weight:
+    # a mean is linear, so with no copies the step's reward mean is the terms' weighted sum.
+    for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()):
+        assert r["reward_copy_penalty_mean"] == 0.0 and r["reward_brevity_mean"] > 0
+        assert r["reward_mean"] == pytest.approx(r["reward_similarity_mean"] + 0.1 * r["reward_brevity_mean"], abs=1e-5)
     # Security: the Ray started here listens on loopback only, and the auth token never reaches a
     # log line or an output file.
     assert len(listeners) >= 5, listeners

@@ -25,12 +25,12 @@ def train(tiny_policy, tiny_tokenizer, minilm_path):
     from actors.reward import RewardActor
     from actors.rollout import RolloutActor
     from rlsr_ray import data
-    from rlsr_ray.algo.reward import PenaltyRule
+    from rlsr_ray.algo.terms import paper
 
     tok = data.tokenize(data.load_examples(None)[:4], tiny_tokenizer, 128, "drop")
     prompts = data.prompts_table(tok, [0, 1, 2, 3], first_group_id=0)
     return _train_table(tiny_policy, RolloutActor(tiny_policy, generate_batch_size=16),
-                        RewardActor(minilm_path, PenaltyRule()), prompts)
+                        RewardActor(paper(minilm_path)), prompts)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])

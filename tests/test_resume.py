@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 ARGS = ["tiny", "--run.steps=4", "--run.save_every=1", "--run.keep_checkpoints=2"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-COMPARED = ("loss", "pg_loss", "kl", "reward_mean", "reward_std", "similarity_mean", "clip_fraction",
+COMPARED = ("loss", "pg_loss", "kl", "reward_mean", "reward_std", "reward_similarity_mean", "clip_fraction",
             "response_length_mean", "grad_norm", "policy_version", "policy_staleness", "groups_dropped",
             "refill_prompts", "train_groups")
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlsr_ray.algo.reward import PenaltyRule, cosine_rows, longest_common_substring, rlsr_rewards
+from rlsr_ray.algo import terms as T
+from rlsr_ray.algo.reward import PenaltyRule, cosine_rows, longest_common_substring
 
 
 def lcs_table(a: str, b: str) -> int:
@@ -45,14 +46,17 @@ def test_penalty_needs_both_thresholds():
     assert rule.applies(201, 2000)
 
 
-def test_rlsr_rewards_penalise_copies_only():
+def test_copy_penalty_replaces_the_sum_for_copies_only():
     ref = "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen in green plants. " * 2
     responses = ["Plants make sugar from light.", "Sure! " + ref]
+    copy = T.CopyPenalty()
+    specs = [T.TermSpec("similarity", "similarity", 1.0), T.TermSpec("copy_penalty", "copy_penalty", 1.0)]
     sim = np.array([0.7, 0.95], np.float32)
-    reward, lcs, pen = rlsr_rewards(sim, responses, [ref, ref], PenaltyRule())
-    assert pen.tolist() == [False, True]
-    assert reward[0] == pytest.approx(0.7) and reward[1] == -1.0
-    assert lcs[1] == len(ref)
+    scores = {"similarity": sim.astype(np.float64),
+              "copy_penalty": T.values(specs[1], copy, ["q"] * 2, responses, [ref, ref], {})}
+    assert scores["copy_penalty"].tolist() == [0.0, 1.0]
+    reward = T.combine(specs, [lambda *a, **k: None, copy], scores)
+    assert reward.dtype == np.float32 and reward[0] == sim[0] and reward[1] == -1.0
 
 
 def test_cosine_matches_sentence_transformers(minilm_path):

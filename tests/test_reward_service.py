@@ -2,13 +2,15 @@
 whose tables it scores in one batch (their keys overlap, as two runs' would)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from actors.reward import RewardActor
 from rlsr_ray import batch
-from rlsr_ray.algo.reward import PenaltyRule
+from rlsr_ray.algo.terms import paper
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +21,8 @@ def rollouts(responses: list[str], refs: list[str]) -> pa.Table:
     n = len(responses)
     return pa.Table.from_pydict({
         "group_id": [0] * n, "sample_idx": list(range(n)), "prompt_ids": [[1]] * n, "reference_text": refs,
-        "response_ids": [[5]] * n, "response_text": responses, "rollout_logprobs": [[-1.0]] * n,
+        "prompt_text": ["q"] * n, "data_json": ["{}"] * n, "response_ids": [[5]] * n, "response_text": responses,
+        "rollout_logprobs": [[-1.0]] * n,
         "finish_reason": ["stop"] * n, "policy_version": [0] * n,
     }, schema=batch.ROLLOUTS)
 
@@ -32,7 +35,7 @@ def service(local_ray, minilm_path):
 
     try:
         # A long batch wait so that the two concurrent requests below land in one batch.
-        yield serve.run(deployment(minilm_path, PenaltyRule(), max_batch_size=4, batch_wait_timeout_s=1.0),
+        yield serve.run(deployment(paper(minilm_path), max_batch_size=4, batch_wait_timeout_s=1.0),
                         name="rlsr_reward", route_prefix=None)
     finally:
         serve.shutdown()
@@ -43,12 +46,12 @@ def test_service_rewards_equal_the_pool_rewards(service, minilm_path):
     b = rollouts(["Paris is the capital of France.", "Lyon."], ["The capital of France is Paris."] * 2)
     pending = [service.score.remote(a), service.score.remote(b)]  # concurrent: one batch
     got = [p.result(timeout_s=120) for p in pending]
-    pool = RewardActor(minilm_path, PenaltyRule())
+    pool = RewardActor(paper(minilm_path))
     for table, served in zip((a, b), got):
         want = pool.score(table)
         assert served.schema.equals(batch.REWARDS)
-        assert served.select(["group_id", "sample_idx", "lcs_chars", "lcs_penalized"]).equals(
-            want.select(["group_id", "sample_idx", "lcs_chars", "lcs_penalized"]))
+        assert served.select(["group_id", "sample_idx", "copy_penalty"]).equals(
+            want.select(["group_id", "sample_idx", "copy_penalty"]))
         # Embedding in one batch pads to another length: float32 rounding only.
         for col in ("reward", "similarity"):
             np.testing.assert_allclose(served.column(col).to_numpy(), want.column(col).to_numpy(), atol=1e-6)
@@ -87,14 +90,19 @@ def test_a_tiny_run_with_the_service_matches_the_run_with_the_pool(tmp_path, tin
 
     pool_rows, pool_summary = rows_and_summary(tiny_run[0])  # the same preset and steps, with the pool
     out = tmp_path / "service"
+    from conftest import TESTS_ON_PATH, USER_TERMS
+
+    # The same reward terms, a user's among them, built in the service's replicas.
     proc = subprocess.run([sys.executable, "-m", "rlsr_ray.run", "tiny", "--ray.address=local", "--run.steps=3",
-                           "--run.progress=false", f"--run.output_dir={out}", "--reward_service.enabled=true"],
-                          capture_output=True, text=True, timeout=600)
+                           "--run.progress=false", f"--run.output_dir={out}", "--reward_service.enabled=true",
+                           USER_TERMS], env={**os.environ, **TESTS_ON_PATH}, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     service_rows, service_summary = rows_and_summary(out)
     assert len(service_rows) == 3
     for a, b in zip(pool_rows, service_rows):
-        for k in ("reward_mean", "similarity_mean", "lcs_penalty_rate", "loss", "kl", "response_length_mean"):
+        for k in ("reward_mean", "reward_similarity_mean", "reward_copy_penalty_mean", "reward_brevity_mean", "loss",
+                  "kl", "response_length_mean"):
             assert b[k] == pytest.approx(a[k], abs=1e-6), (a["step"], k)
     for k in ("before_mean", "after_mean"):
         assert service_summary["heldout"][k] == pytest.approx(pool_summary["heldout"][k], abs=1e-6)
@@ -116,12 +124,12 @@ def test_one_runs_step_is_spread_over_two_replicas(service, minilm_path):
     # the next to the other one. With room for several requests per replica, as deployment() sets
     # it for batching, the router's choice between two idle replicas is a coin toss per request.
     app = RewardService.options(max_ongoing_requests=1, num_replicas=2, autoscaling_config=None,
-                                ray_actor_options={"num_cpus": 0.5}).bind(minilm_path, PenaltyRule(), 2, 2.0)
+                                ray_actor_options={"num_cpus": 0.5}).bind(paper(minilm_path), 2, 2.0)
     handle = serve.run(app, name="rlsr_reward_two", route_prefix=None)
     try:
         pool = ServicePool(handle, 120.0, True, "rlsr_reward_two", request_rows=2)
         (served,) = pool.call("score", [(table,)])
-        want = RewardActor(minilm_path, PenaltyRule()).score(table)
+        want = RewardActor(paper(minilm_path)).score(table)
         assert served.column("sample_idx").to_pylist() == list(range(8))
         np.testing.assert_allclose(served.column("reward").to_numpy(), want.column("reward").to_numpy(), atol=1e-6)
         seen: dict[str, dict] = {}

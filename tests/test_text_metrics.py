@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlsr_ray.evaluation.text_metrics import chrf, rouge_l
+from rlsr_ray.algo.text_metrics import chrf, rouge_l
 
 
 def test_rouge_l_is_the_f_measure_of_the_longest_common_word_subsequence():

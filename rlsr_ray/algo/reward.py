@@ -1,8 +1,9 @@
-"""The RLSR reward as pure functions: cosine similarity of embeddings and the copy penalty.
+"""The paper's reward pieces as pure functions: cosine similarity of embeddings and the copy rule.
 
 reward = cos(embed(response), embed(reference)), except that a response sharing a longest common
 substring with the reference longer than `min_chars` AND longer than `min_fraction` of the
 reference gets `penalty` (-1): this stops the policy from copying or repeating the reference.
+The terms built on them, and how they sum into a reward, are in terms.py.
 """
 from __future__ import annotations
 
@@ -81,14 +82,3 @@ class PenaltyRule:
     def applies(self, lcs_chars: int, reference_chars: int) -> bool:
         return lcs_chars > self.min_chars and lcs_chars > self.min_fraction * reference_chars
 
-
-def rlsr_rewards(
-    similarity: np.ndarray, responses: list[str], references: list[str], rule: PenaltyRule
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-> (reward [N] float32, lcs_chars [N] int32, penalized [N] bool)."""
-    if not (len(similarity) == len(responses) == len(references)):
-        raise ValueError("similarity, responses and references must have one length")
-    lcs = np.array([longest_common_substring(r, ref) for r, ref in zip(responses, references)], np.int32)
-    penalized = np.array([rule.applies(int(n), len(ref)) for n, ref in zip(lcs, references)], bool)
-    reward = np.where(penalized, np.float32(rule.penalty), similarity.astype(np.float32))
-    return reward.astype(np.float32), lcs, penalized

@@ -23,13 +23,17 @@ def answers(pools: Pools, prompts: pa.Table, spec: SamplingSpec) -> list[dict[st
     by_group = {g: k for k, g in enumerate(rollouts.column("group_id").to_pylist())}
     scored = {g: k for k, g in enumerate(rewards.column("group_id").to_pylist())}
     r, w = rollouts.to_pydict(), rewards.to_pydict()
+    # The held-out score is the similarity term's, or the reward's where a run has no such term.
+    sim = "similarity" if "similarity" in w else "reward"
+    terms = [n for n in w if n not in ("group_id", "sample_idx", "reward")]
+    copied = w.get("copy_penalty")
     out = []
     for g in prompts.column("group_id").to_pylist():
         k, j = by_group[g], scored[g]
         out.append({"output": r["response_text"][k], "tokens": len(r["response_ids"][k]),
-                    "finish_reason": r["finish_reason"][k], "similarity": float(w["similarity"][j]),
-                    "reward": float(w["reward"][j]), "lcs_chars": int(w["lcs_chars"][j]),
-                    "copy_penalized": bool(w["lcs_penalized"][j])})
+                    "finish_reason": r["finish_reason"][k], "similarity": float(w[sim][j]),
+                    "reward": float(w["reward"][j]), "copy_penalized": bool(copied and copied[j]),
+                    "terms": {n: float(w[n][j]) for n in terms}})
     return out
 
 

@@ -167,7 +167,7 @@ def score(pools: Pools, gen: Generation, with_reference: bool = True) -> Scored:
     remote = {"reward_s": pending_reward if pools.reward.remote else [],
               "reference_s": ref_counts if with_reference and pools.reference.remote else []}
     timing.update(_ready_after(remote, t0, pools.reward.call_timeout_s))
-    rewards = pa.concat_tables([batch.check(t, batch.REWARDS, "rewards")
+    rewards = pa.concat_tables([batch.check_rewards(t, "rewards")
                                 for t in pools.reward.get(pending_reward, "score", submitted)])
     if getattr(pools.reward, "deferred", False):  # a service: done when its answer is in
         timing["reward_s"] = time.perf_counter() - t0
@@ -263,8 +263,8 @@ def _fetch(ref: Any) -> Any:
 
 
 def nonfinite_reason(rewards: pa.Table) -> str | None:
-    """Why a step must be skipped (NaN/inf rewards or similarities), or None."""
-    for col in ("reward", "similarity"):
+    """Why a step must be skipped (NaN/inf in the reward or any of its terms), or None."""
+    for col in rewards.column_names[len(batch.KEY):]:
         bad = int(np.sum(~np.isfinite(rewards.column(col).to_numpy())))
         if bad:
             return f"{bad} non-finite value(s) in {col}"

@@ -62,23 +62,22 @@ def rollout_pool(cfg: Config, policy_path: str):
         vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization, seed=cfg.run.seed), **_timeouts(cfg))
 
 
-def reward_pool(cfg: Config, reward_path: str):
-    """The reward pool, or the shared reward service when reward_service.enabled."""
+def reward_pool(cfg: Config, terms: list):
+    """The reward pool scoring the given reward terms (algo.terms.load), or the shared reward
+    service when reward_service.enabled."""
     from actors.pool import Pool
     from actors.reward import RewardActor
-    from rlsr_ray.algo.reward import PenaltyRule
 
-    p, a = cfg.pools.reward, cfg.algo
+    p = cfg.pools.reward
     if cfg.reward_service.enabled:
         from rlsr_ray.serving import reward_service
 
-        return reward_service.connect(cfg, pool_device(p))
-    return Pool("reward", RewardActor, p, dict(
-        model_path=reward_path, rule=PenaltyRule(a.lcs_min_chars, a.lcs_min_fraction, a.lcs_penalty),
-        device=pool_device(p), torch_threads=p.torch_threads), **_timeouts(cfg))
+        return reward_service.connect(cfg, pool_device(p), terms)
+    return Pool("reward", RewardActor, p, dict(terms=terms, device=pool_device(p), torch_threads=p.torch_threads),
+                **_timeouts(cfg))
 
 
-def build_pools(cfg: Config, policy_path: str, reward_path: str):
+def build_pools(cfg: Config, policy_path: str, terms: list):
     from actors.pool import Pool
     from actors.reference import ReferenceActor
     from rlsr_ray.driver.step import Pools
@@ -90,7 +89,7 @@ def build_pools(cfg: Config, policy_path: str, reward_path: str):
     # while the others finish loading.
     learner = learner_pool(cfg, policy_path)
     rollout = rollout_pool(cfg, policy_path)
-    reward = reward_pool(cfg, reward_path)
+    reward = reward_pool(cfg, terms)
     reference = Pool("reference", ReferenceActor, p.reference, dict(
         policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=pool_device(p.reference),
         torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,

@@ -50,7 +50,8 @@ def run(cfg: Config) -> dict[str, Any]:
     from rlsr_ray import checkpoint, data
     from rlsr_ray.driver import trainer
     from rlsr_ray.driver.heldout import heldout_similarity, paired_delta
-    from rlsr_ray.models import resolve_policy, resolve_reward_model
+    from rlsr_ray.algo import terms
+    from rlsr_ray.models import resolve_policy
     from rlsr_ray.policy import describe_compute_dtype
 
     t_start = time.perf_counter()
@@ -59,7 +60,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # Every input is checked before anything is written or started: bad input leaves no trace.
     policy_path = resolve_policy(cfg.model.policy, cfg.model.cache_dir)
-    reward_path = resolve_reward_model(cfg.model.reward_model)
+    reward_terms = terms.load(cfg)
     train_tok, heldout_tok = prepare_data(cfg, policy_path)
     log.info("data: %d training prompts, %d held out (%d truncated, %d dropped)", len(train_tok.prompt_ids),
              len(heldout_tok.prompt_ids) if heldout_tok else 0, train_tok.truncated, train_tok.dropped)
@@ -73,7 +74,7 @@ def run(cfg: Config) -> dict[str, Any]:
     started = connect_ray(cfg) if remote else False
     pools = None
     try:
-        pools, plan = build_pools(cfg, policy_path, reward_path)
+        pools, plan = build_pools(cfg, policy_path, reward_terms)
         t_restore = time.perf_counter()
         resume = trainer.restore(cfg, pools, out, found)
         summary: dict[str, Any] = {"setup_s": time.perf_counter() - t_start, "resumed_from_step": resume.step}
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE.format(presets=", ".join(preset_names())))
         return 0
-    from rlsr_ray.cli import split_preset
+    from rlsr_ray.cli import error_line, split_preset
 
     preset, argv = split_preset(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -141,14 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlsr_ray: error: {e}", file=sys.stderr)
         return 2
     from actors.pool import PoolTimeout
+    from rlsr_ray.algo.terms import RewardTermError
     from rlsr_ray.checkpoint import CheckpointError
     from rlsr_ray.data import DataError
     from rlsr_ray.models import ModelError
 
     try:
         summary = run(cfg)
-    except (DataError, ModelError, CheckpointError) as e:
-        print(f"rlsr_ray: error: {e}", file=sys.stderr)
+    except (DataError, ModelError, CheckpointError, RewardTermError) as e:
+        print(f"rlsr_ray: error: {error_line(e)}", file=sys.stderr)
         return 2
     except PoolTimeout as e:
         print(f"rlsr_ray: error: {e}", file=sys.stderr)

@@ -40,6 +40,7 @@ def sampling_spec(cfg: Config, step: int, refill_round: int = 0) -> SamplingSpec
 
 def build_train_table(rollouts: pa.Table, rewards: pa.Table, ref: pa.Table, std_norm: bool) -> pa.Table:
     """TRAIN rows from whole tables in one process (the learners build theirs from pieces)."""
+    rewards = rewards.select(batch.REWARDS.names)  # the learners need the sum, not its terms
     joined = batch.join(batch.join(rollouts, rewards, "rollouts+rewards"), ref, "rollouts+ref_logprobs")
     adv = group_advantages(joined.column("reward").to_numpy(), joined.column("group_id").to_numpy(), std_norm)
     joined = joined.append_column("advantage", pa.array(adv, pa.float32()))
@@ -99,7 +100,7 @@ def collect(cfg: Config, pools: Pools, gen: Generation, step: int,
 
 def scores_table(rounds: Rounds, std_norm: bool) -> pa.Table:
     """SCORES of the kept rows, in their order: rewards plus group advantages."""
-    kept = rounds.rewards.take(pa.array(rounds.kept_rows, pa.int64()))
+    kept = rounds.rewards.select(batch.REWARDS.names).take(pa.array(rounds.kept_rows, pa.int64()))
     adv = group_advantages(kept.column("reward").to_numpy(), kept.column("group_id").to_numpy(), std_norm)
     return batch.check(kept.append_column("advantage", pa.array(adv, pa.float32())), batch.SCORES, "scores")
 
@@ -156,6 +157,12 @@ def train(pools: Pools, args: list[tuple]) -> dict[str, float]:
     return out
 
 
+def term_means(rewards: pa.Table) -> dict[str, float]:
+    """reward_<term>_mean of each reward term's column (copy_penalty's: the share of copies)."""
+    return {f"reward_{n}_mean": float(np.nanmean(rewards.column(n).to_numpy()))
+            for n in rewards.column_names if n not in batch.REWARDS.names}
+
+
 def rollout_metrics(rounds: Rounds, version: int) -> dict[str, float]:
     # nan-aware: a skipped step still reports what its finite samples looked like
     rewards = rounds.rewards
@@ -166,8 +173,7 @@ def rollout_metrics(rounds: Rounds, version: int) -> dict[str, float]:
     return {
         "reward_mean": float(np.nanmean(r)),
         "reward_std": float(np.nanstd(r)),
-        "similarity_mean": float(np.nanmean(rewards.column("similarity").to_numpy())),
-        "lcs_penalty_rate": float(np.mean(rewards.column("lcs_penalized").to_numpy(zero_copy_only=False))),
+        **term_means(rewards),
         "response_length_mean": float(np.mean(lengths)),
         "stop_rate": sum(s["stops"] for s in summaries) / max(1, len(lengths)),
         "policy_version": int(min(versions)),

@@ -49,6 +49,7 @@ def arm_configs(cfg: Config) -> dict[str, Config]:
 
 def compare(cfg: Config) -> dict[str, Any]:
     from rlsr_ray import sft
+    from rlsr_ray.algo import terms
     from rlsr_ray.driver import run
     from rlsr_ray.driver.ray_session import connect_ray
     from rlsr_ray.evaluation import report
@@ -59,6 +60,7 @@ def compare(cfg: Config) -> dict[str, Any]:
     arms = arm_configs(cfg)
     load_prompts(cfg)  # bad data, or a judge that cannot answer, fails before hours of training
     make_judge(cfg)
+    terms.load(cfg)  # so does a reward term that cannot be imported
     timings: dict[str, float] = {}
     started = None  # one Ray for every arm, started when an arm is trained (eval connects itself)
     try:
@@ -115,6 +117,7 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from actors.pool import PoolTimeout
+    from rlsr_ray.algo.terms import RewardTermError
     from rlsr_ray.checkpoint import CheckpointError
     from rlsr_ray.cli import command, split_preset
     from rlsr_ray.data import DataError
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     from rlsr_ray.sft import SftError
 
     return command(argv, USAGE, lambda args: compare(load_config(*split_preset(args))),
-                   (ConfigError, DataError, ModelError, CheckpointError, JudgeError, SftError), (PoolTimeout,))
+                   (ConfigError, DataError, ModelError, CheckpointError, JudgeError, SftError, RewardTermError),
+                   (PoolTimeout,))
 
 
 if __name__ == "__main__":

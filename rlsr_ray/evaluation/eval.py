@@ -42,15 +42,9 @@ METRICS = ("similarity", "rouge_l", "chrf", "copy_penalized", "tokens", "cut")
 class Prompts:
     """The evaluation prompts: the text a judge reads and the reference each answer is scored by."""
     messages: list[list[dict[str, str]]]
-    instructions: list[str]
+    instructions: list[str]  # data.instruction_text: what the judge reads
     references: list[str]
-
-
-def instruction_text(messages: list[dict[str, str]]) -> str:
-    """What a judge is shown as the instruction: the user's message, or the whole conversation."""
-    if len(messages) == 1:
-        return messages[0]["content"]
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    extras: list[str]  # data.Example.extra: what reward terms read beside the text
 
 
 def load_prompts(cfg: Config) -> Prompts:
@@ -65,7 +59,8 @@ def load_prompts(cfg: Config) -> Prompts:
             raise data.DataError("data.heldout_size is 0: nothing is held out to evaluate on "
                                  "(set data.heldout_size or eval.data_path)")
     msgs = [list(ex.messages) for ex in examples]
-    return Prompts(msgs, [instruction_text(m) for m in msgs], [ex.reference for ex in examples])
+    return Prompts(msgs, [data.instruction_text(m) for m in msgs], [ex.reference for ex in examples],
+                   [ex.extra for ex in examples])
 
 
 def eval_prompts(cfg: Config, prompts: Prompts, policy_path: str) -> pa.Table:
@@ -81,12 +76,14 @@ def eval_prompts(cfg: Config, prompts: Prompts, policy_path: str) -> pa.Table:
         ids.append(data.chat_prompt_ids(tok, m)[-d.max_prompt_tokens:])
     table = pa.table({"group_id": pa.array(range(len(ids)), pa.int64()),
                       "prompt_ids": pa.array(ids, pa.list_(pa.int32())),
-                      "reference_text": pa.array(prompts.references, pa.string())})
+                      "reference_text": pa.array(prompts.references, pa.string()),
+                      "prompt_text": pa.array(prompts.instructions, pa.string()),
+                      "data_json": pa.array(prompts.extras, pa.string())})
     return batch.check(table, batch.PROMPTS, "eval prompts")
 
 
 def with_text_metrics(rows: list[dict[str, Any]], references: list[str]) -> list[dict[str, Any]]:
-    from rlsr_ray.evaluation.text_metrics import chrf, rouge_l
+    from rlsr_ray.algo.text_metrics import chrf, rouge_l
 
     for r, ref in zip(rows, references):
         r["rouge_l"], r["chrf"], r["cut"] = rouge_l(r["output"], ref), chrf(r["output"], ref), r["finish_reason"] == "length"
@@ -126,16 +123,17 @@ def generate_all(cfg: Config, checkpoints: list[tuple[str, str]], prompts: Promp
     """Each checkpoint's answers, one rollout pool at a time; one reward pool scores them all."""
     from actors.sampling import SamplingSpec
     from rlsr_ray.driver.heldout import answers
-    from rlsr_ray.models import resolve_policy, resolve_reward_model
+    from rlsr_ray.algo import terms
     from rlsr_ray.driver.pipeline import Pools
     from rlsr_ray.driver.pools import reward_pool, rollout_pool
+    from rlsr_ray.models import resolve_policy
 
     paths = [(name, resolve_policy(path, cfg.model.cache_dir)) for name, path in checkpoints]
-    reward_path = resolve_reward_model(cfg.model.reward_model)
+    reward_terms = terms.load(cfg)
     e = cfg.eval
     spec = SamplingSpec(n=1, max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=1.0,
                         seed=cfg.run.seed)
-    reward = reward_pool(cfg, reward_path)
+    reward = reward_pool(cfg, reward_terms)
     results = {}
     try:
         for name, path in paths:
@@ -282,6 +280,7 @@ def split_args(argv: list[str]) -> tuple[list[str], str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlsr_ray.algo.terms import RewardTermError
     from rlsr_ray.cli import command
     from rlsr_ray.data import DataError
     from rlsr_ray.evaluation.judge import JudgeError
@@ -291,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpts, preset, overrides = split_args(args)
         return evaluate(load_config(preset, overrides), parse_checkpoints(ckpts))
 
-    return command(argv, USAGE, work, (ConfigError, DataError, ModelError, JudgeError))
+    return command(argv, USAGE, work, (ConfigError, DataError, ModelError, JudgeError, RewardTermError))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ def _points(rows: list[dict[str, Any]], key: str) -> tuple[list, list]:
     return [r["step"] for r in kept], [r[key] for r in kept]
 
 
+def term_curves(curves: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """metrics.jsonl key -> title of each reward term's curve (reward_<term>_mean), in first-seen order."""
+    keys = {k: None for arm in ("rlsr", "sft_rlsr") for row in curves.get(arm, []) for k in row
+            if k.startswith("reward_") and k.endswith("_mean") and k != "reward_mean"}
+    return {k: f"reward term {k[len('reward_'):-len('_mean')]} (mean over samples)" for k in keys}
+
+
 def plot_figures(root: Path, curves: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str]]:
     """PNG files under root/figures: (relative path, caption) of each."""
     import matplotlib
@@ -65,7 +72,7 @@ def plot_figures(root: Path, curves: dict[str, list[dict[str, Any]]]) -> list[tu
         plt.close(fig)
         made.append((f"figures/{name}", caption))
 
-    for key, title in CURVES.items():
+    for key, title in {**CURVES, **term_curves(curves)}.items():
         fig, ax = plt.subplots(figsize=(6, 3.2))
         for arm in ("rlsr", "sft_rlsr"):
             ax.plot(*_points(curves.get(arm, []), key), marker=".", label=ARMS[arm])

@@ -15,18 +15,17 @@ import pyarrow as pa
 from ray import serve
 
 from rlsr_ray import batch
-from rlsr_ray.algo.reward import PenaltyRule
 
 
 @serve.deployment
 class RewardService:
-    def __init__(self, model_path: str, rule: PenaltyRule, max_batch_size: int = 8,
+    def __init__(self, terms: list, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, device: str = "cpu", torch_threads: int = 1):
         from actors.reward import RewardActor
         from rlsr_ray.serving.loopback import replica_grpc_on_loopback
 
         replica_grpc_on_loopback()
-        self.scorer = RewardActor(model_path, rule, device=device, torch_threads=torch_threads)
+        self.scorer = RewardActor(terms, device=device, torch_threads=torch_threads)
         self.score_batch.set_max_batch_size(max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.counts = {"batches": 0, "tables": 0, "rows": 0}  # what this replica has scored
@@ -48,10 +47,11 @@ class RewardService:
         return await asyncio.to_thread(self.scorer.score_checked, tables)
 
 
-def deployment(model_path: str, rule: PenaltyRule, *, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+def deployment(terms: list, *, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
                min_replicas: int = 1, max_replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
                accelerator_type: str | None = None, device: str = "cpu", torch_threads: int = 1):
-    """The bound application: batching, autoscaling bounds and placement as given."""
+    """The bound application scoring `terms` (algo.terms.TermSpec): batching, autoscaling bounds and
+    placement as given."""
     actor_options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     if accelerator_type:
         actor_options["accelerator_type"] = accelerator_type
@@ -61,7 +61,7 @@ def deployment(model_path: str, rule: PenaltyRule, *, max_batch_size: int = 8, b
         # A batch can only fill if that many requests may wait on one replica.
         max_ongoing_requests=max(2 * max_batch_size, 5), ray_actor_options=actor_options,
         autoscaling_config=autoscaling,
-    ).bind(model_path, rule, max_batch_size, batch_wait_timeout_s, device, torch_threads)
+    ).bind(terms, max_batch_size, batch_wait_timeout_s, device, torch_threads)
 
 
 class ServicePool:
@@ -126,22 +126,19 @@ class ServicePool:
             serve.delete(self.app_name)
 
 
-def connect(cfg, device: str) -> ServicePool:
-    """The running app named in cfg.reward_service, or a new one deployed with its settings."""
+def connect(cfg, device: str, terms: list) -> ServicePool:
+    """The running app named in cfg.reward_service (as it is, whatever terms it scores), or a new
+    one deployed with its settings, scoring `terms`."""
     from ray import serve
 
-    from rlsr_ray.models import resolve_reward_model
-
-    rs, p, a = cfg.reward_service, cfg.pools.reward, cfg.algo
+    rs, p = cfg.reward_service, cfg.pools.reward
     try:
         return ServicePool(serve.get_app_handle(rs.app_name), cfg.ray.call_timeout_s, False, rs.app_name,
                            rs.request_rows)
     except (serve.exceptions.RayServeException, KeyError, ValueError):
         pass  # not running: deploy it
     serve.start(http_options={"location": "NoServer"})  # handles only: no HTTP port
-    app = deployment(resolve_reward_model(cfg.model.reward_model),
-                     PenaltyRule(a.lcs_min_chars, a.lcs_min_fraction, a.lcs_penalty),
-                     max_batch_size=rs.max_batch_size, batch_wait_timeout_s=rs.batch_wait_timeout_s,
+    app = deployment(terms, max_batch_size=rs.max_batch_size, batch_wait_timeout_s=rs.batch_wait_timeout_s,
                      min_replicas=rs.min_replicas, max_replicas=rs.max_replicas, num_cpus=p.num_cpus,
                      num_gpus=p.num_gpus, accelerator_type=p.accelerator_type,
                      device=device, torch_threads=p.torch_threads)

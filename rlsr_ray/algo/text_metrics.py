@@ -1,8 +1,9 @@
-"""Reference-based text metrics the reward never saw, as pure functions over strings.
+"""Reference-based text metrics as pure functions over strings, in [0, 1].
 
 RLSR trains on embedding similarity, so a model can gain on it by sharpening or by changing its
 length without answering better. ROUGE-L (longest common subsequence of words) and chrF
-(character n-gram F-score) measure closeness to the reference on another axis, in [0, 1].
+(character n-gram F-score) measure closeness to the reference on another axis: the evaluation
+reports both, and ROUGE-L is also a reward term (rlsr_ray.algo.terms) for runs that want it.
 """
 from __future__ import annotations
 
