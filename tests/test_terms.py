@@ -119,6 +119,9 @@ def test_a_class_term_is_built_once_per_actor_with_its_args():
     ('{name: x, fn: "reward_fns:NOT_A_FUNCTION"}', "is a int, not a function or class"),
     ('{name: x, fn: "reward_fns:NotCallable"}', "instances are not callable"),
     ('{name: x, fn: "reward_fns:KeywordHits", args: {colour: red}}', "do not fit KeywordHits\\(\\)"),
+    ('{name: x, fn: length, args: {buffer: 3}}', "do not fit length: got an unexpected keyword argument 'buffer'"),
+    ('{name: x, fn: length, args: {buffer_tokens: 9}}', "buffer_tokens=9 must be in \\[1, 8\\]"),
+    ('{name: x, fn: rouge_l, args: {n: 2}}', "rouge_l takes no args"),
 ])
 def test_a_bad_term_stops_at_load_naming_it(term, message):
     cfg = load_config("tiny", [f"--reward.terms=[{{name: similarity}}, {term}]"])

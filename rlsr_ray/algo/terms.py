@@ -89,7 +89,7 @@ class Length:
         self.max_tokens = max_tokens
         self.buffer_tokens = max(1, max_tokens // 5) if buffer_tokens is None else buffer_tokens
         if not 1 <= self.buffer_tokens <= max_tokens:
-            raise RewardTermError(f"length: buffer_tokens={self.buffer_tokens} must be in [1, {max_tokens}] "
+            raise RewardTermError(f"buffer_tokens={self.buffer_tokens} must be in [1, {max_tokens}] "
                                   "(rollout.max_new_tokens)")
 
     def __call__(self, prompts, responses, references, *, response_tokens, **columns) -> np.ndarray:
@@ -181,6 +181,18 @@ def check(spec: TermSpec) -> None:
     """Import a user's term and check its signature (and a class's constructor against args),
     without building it: run before anything starts, so a bad term stops the command at once."""
     if spec.fn in BUILTINS:
+        made = BUILTINS[spec.fn]
+        if not inspect.isclass(made) and spec.args:
+            raise RewardTermError(f"{spec.label}: {spec.fn} takes no args, got {spec.args}")
+        try:
+            inspect.signature(made).bind(**spec.args)
+        except TypeError as e:
+            raise RewardTermError(f"{spec.label}: args {spec.args} do not fit {spec.fn}: {e}") from None
+        if made is Length:
+            try:
+                Length(**spec.args)  # its range check, before anything starts
+            except RewardTermError as e:
+                raise RewardTermError(f"{spec.label}: {e}") from None
         return
     target = _user_target(spec)
     if inspect.isclass(target):
