@@ -19,6 +19,30 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(CACHE, "torch_extensi
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 torch.set_num_threads(1)
 
+RESOLVES = pytest.StashKey[dict]()  # tests/test_install.py's resolver runs, started with the session
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules without a slow test run first, each module's tests kept together (its fixtures are
+    built once). Those tests use about one core; pip's resolver runs for tests/test_install.py
+    (minutes of mostly one core, waiting on nothing else) start now, on the other."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ in slow)  # stable: the order within each kept
+    if not config.option.collectonly and any(item.originalname == "test_install_line_resolves" for item in items):
+        import tempfile
+        from pathlib import Path
+
+        import test_install
+
+        config.stash[RESOLVES] = test_install.start_resolves(Path(tempfile.mkdtemp(prefix="rlsr-resolves-")))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for proc, _ in session.config.stash.get(RESOLVES, {}).values():
+        if proc.poll() is None:  # the session ended before its test collected it
+            proc.kill()
+            proc.wait()
+
 
 @pytest.fixture(scope="session")
 def tiny_policy() -> str:

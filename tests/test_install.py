@@ -78,16 +78,25 @@ def test_only_contained_requirement_sets_are_skipped():
     assert skipped == {shlex.join(["-e", ".[cpu]"])}, skipped
 
 
-@pytest.fixture(scope="module")
-def resolved(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """Every resolver run at once, so that one's waits on the registry overlap the other's work."""
+def start_resolves(folder: Path) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """Every resolver run at once, so that one's waits on the registry overlap the other's work.
+    conftest.py starts them as the session starts when this module's tests are selected."""
     runs = {}
     for i, args in enumerate(lines_to_resolve()):
-        report = tmp_path_factory.mktemp(f"resolve{i}") / "report.json"
+        report = folder / f"resolve{i}" / "report.json"
+        report.parent.mkdir(parents=True)
         proc = subprocess.Popen([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
                                  "--disable-pip-version-check", "--report", str(report), *shlex.split(args)],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         runs[args] = (proc, report)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def resolved(request, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    from conftest import RESOLVES
+
+    runs = request.config.stash.get(RESOLVES, None) or start_resolves(tmp_path_factory.mktemp("resolves"))
     done = {}
     for args, (proc, report) in runs.items():
         out, err = proc.communicate(timeout=900)
