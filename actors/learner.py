@@ -371,13 +371,16 @@ class LearnerActor:
         layout = checkpoint.optimizer_layout(self.s.zero_stage, self.world_size)
         names = checkpoint.optimizer_names(layout)
         if trainer_state is not None and self.s.zero_stage > 0:
-            # Each rank writes its own partition into the folder rank 0 publishes (as DeepSpeed
-            # does), so no rank ever holds the whole optimizer; learners on several nodes
-            # therefore need run.output_dir on shared storage.
+            # Each rank writes its share of the parameters' whole optimizer state (zero_state.py:
+            # loadable by any number of ranks) into the folder rank 0 publishes, so no rank holds
+            # all of it; learners on several nodes therefore need run.output_dir on shared storage.
+            from actors import zero_state
+
+            share = zero_state.gather(self.engine, self.rank, self.world_size)  # collective
             if self.rank == 0:
                 tmp.mkdir(parents=True)
             self._barrier()
-            checkpoint.save_nested(self._zero_optimizer_state(), tmp, names[self.rank])
+            checkpoint.save_nested(share, tmp, names[self.rank])
             self._barrier()
         if self.rank != 0:
             return None
@@ -399,31 +402,21 @@ class LearnerActor:
 
             dist.barrier()
 
-    def _zero_optimizer_state(self) -> dict:
-        """This rank's ZeRO optimizer state (base AdamW state + fp32 master partition), minus the
-        objects JSON cannot hold (loss scaler, parameter-fragment maps). Those describe the static
-        layout, so load_checkpoint takes them from the live optimizer instead."""
-        from rlsr_ray import checkpoint
-
-        sd = self.engine.optimizer.state_dict()
-        if getattr(sd.get("loss_scaler"), "dynamic", False):  # fp16 only, which no preset enables
-            raise RuntimeError("dynamic loss-scaler state cannot be checkpointed")
-        return {k: v for k, v in sd.items() if checkpoint.storable(v)}
-
     def load_checkpoint(self, path: str) -> dict:
-        """Restore weights, optimizer and RNG from a checkpoint written by save_pretrained."""
+        """Restore weights, optimizer and RNG from a checkpoint written by save_pretrained: with
+        ZeRO >= 1 by any number of ranks at any stage >= 1 (zero_state.py), with ZeRO-0 by ZeRO-0."""
         from safetensors.torch import load_file
 
+        from actors import zero_state
         from rlsr_ray import checkpoint
 
         folder = Path(path)
         state = checkpoint.read_state(folder)  # the driver has checked it is resumable (find_resume)
-        layout = checkpoint.optimizer_layout(self.s.zero_stage, self.world_size)
-        if state["optimizer"] != layout:
-            raise checkpoint.CheckpointError(f"{folder}: optimizer layout {state['optimizer']} is not this "
-                                             f"learner group's {layout}")
-        names = checkpoint.optimizer_names(layout)
-        if self.s.zero_stage < 3:  # ZeRO-3 partitions parameters: they come back from the fp32 shards
+        saved = state["optimizer"]
+        if (saved["zero_stage"] == 0) != (self.s.zero_stage == 0):
+            raise checkpoint.CheckpointError(f"{folder}: optimizer state of ZeRO-{saved['zero_stage']} cannot "
+                                             f"load into ZeRO-{self.s.zero_stage} (ZeRO-0 <-> ZeRO >= 1)")
+        if self.s.zero_stage < 3:  # ZeRO-3's partitioned weights follow the fp32 masters instead
             weights = {}
             for f in sorted(folder.glob("model*.safetensors")):
                 weights.update(load_file(str(f)))
@@ -431,15 +424,14 @@ class LearnerActor:
             if [k for k in missing if k != "lm_head.weight"] or unexpected:
                 raise checkpoint.CheckpointError(f"{folder}: weights do not fit the policy "
                                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        names = checkpoint.optimizer_names(saved)
         if self.s.zero_stage == 0:
             self.engine.optimizer.load_state_dict(checkpoint.load_nested(folder, names[0]))
         else:
-            saved = checkpoint.load_nested(folder, names[self.rank])
-            live = self.engine.optimizer.state_dict()
-            full = {**{k: v for k, v in live.items() if not checkpoint.storable(v)}, **saved}
-            per_rank = [full if r == self.rank else None for r in range(self.world_size)]
-            # fp32 master weights come from the shard (exact), not re-derived from bf16 weights.
-            self.engine.optimizer.load_state_dict(per_rank, load_optimizer_states=True,
-                                                  load_from_fp32_weights=True)
+            shares = (checkpoint.load_nested(folder, name) for name in names)  # one in memory at a time
+            try:
+                zero_state.restore(self.engine, shares)  # fp32 masters exact, not re-derived from weights
+            except ValueError as e:
+                raise checkpoint.CheckpointError(f"{folder}: {e}") from None
         torch.set_rng_state(checkpoint.load_nested(folder, "rng")["torch"])
         return state

@@ -108,8 +108,9 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 
 def optimizer_layout(zero_stage: int, world_size: int) -> dict[str, int]:
-    """How optimizer state is split: ZeRO-0 ranks hold identical copies (one is stored), ZeRO >= 1
-    partitions it across the learner group (a shard per rank, loadable by the same layout only)."""
+    """How optimizer state is stored: ZeRO-0 ranks hold identical copies (one is stored); under
+    ZeRO >= 1 each rank writes a share of the parameters' whole state (actors/zero_state.py), which
+    any number of ranks at any stage >= 1 can load."""
     return {"zero_stage": zero_stage, "shards": world_size if zero_stage > 0 else 1}
 
 

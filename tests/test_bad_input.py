@@ -157,12 +157,13 @@ def test_checkpoint_of_another_reference(tmp_path, capsys):
     assert code == 2 and len(errors) == 1 and "trained against reference '/elsewhere/model'" in errors[0]
 
 
-def test_checkpoint_of_another_learner_layout(tiny_policy, tmp_path, capsys):
+def test_checkpoint_of_zero_state_into_zero_0(tiny_policy, tmp_path, capsys):
+    """ZeRO >= 1 state loads at any stage >= 1 and any number of learners, but not into ZeRO-0."""
     d = _whole_checkpoint(tmp_path, tiny_policy, {"zero_stage": 2, "shards": 2})
     code, errors, _ = run_main(["tiny", f"--run.output_dir={tmp_path / 'out'}", f"--run.resume={d}",
                                 f"--model.cache_dir={os.path.dirname(tiny_policy)}"], capsys)
     assert code == 2 and len(errors) == 1, errors
-    assert "optimizer state is ZeRO-2 in 2 shard(s), but this run has train.zero_stage=0" in errors[0]
+    assert "optimizer state is ZeRO-2, but this run has train.zero_stage=0; ZeRO-0 state resumes" in errors[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoints"]  # nothing new written
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 import pytest
 
 from actors.learner import LearnerActor
@@ -141,3 +143,67 @@ def test_object_store_sync_keeps_the_weights_out_of_the_driver(local_ray, tiny_p
         rollouts.shutdown()
     assert stats["weight_sync_path"] == "object_store" and stats["weight_sync_mb"] > 10
     assert sum(fetched) == 0
+
+
+def test_zero_state_written_by_two_ranks_loads_on_one_and_on_three(local_ray, tiny_policy, train, tmp_path):
+    """ZeRO-2 AdamW state written by two learners after a step loads into one learner (ZeRO-3) and
+    into three (ZeRO-1): what each group then holds, gathered over its ranks, is the written state
+    bit for bit (fp32 masters, both moments, the step count), and its weights are the masters."""
+    import torch
+
+    from actors import zero_state
+    from rlsr_ray import checkpoint
+    from test_actors import learner as in_process_learner
+
+    def group(n: int, s) -> Pool:
+        pool = Pool("learner", LearnerActor, PoolConfig(num_actors=n, num_cpus=0.5),
+                    dict(policy_path=tiny_policy, settings=s, world_size=n), ray_restarts=False, call_timeout_s=300)
+        meet = pool.call("rendezvous", [()] * n)[0]
+        pool.call("setup", [(meet,)] * n)
+        return pool
+
+    def held(pool: Pool) -> dict:
+        shares = local_ray.get([a.__ray_call__.remote(lambda lrn: zero_state.gather(lrn.engine, lrn.rank,
+                                                                                   lrn.world_size))
+                                for a in pool.actors])
+        return {"step": shares[0]["step"], "params": {k: v for s in shares for k, v in s["params"].items()}}
+
+    def assert_same(got: dict, want: dict) -> None:
+        assert got["step"] == want["step"] == 1.0
+        assert sorted(got["params"]) == sorted(want["params"])
+        for name, tensors in want["params"].items():
+            assert sorted(got["params"][name]) == ["exp_avg", "exp_avg_sq", "fp32"], name
+            for k, v in tensors.items():
+                assert torch.equal(got["params"][name][k], v), (name, k)
+
+    norm = float(sum(len(x) for x in train.column("response_ids").to_pylist()))
+    two = settings(micro_batch_size=8, micro_steps=1, zero_stage=2)
+    state = {"step": 1, "policy_version": 1, "cursor": {"epoch": 0, "position": 4}, "reference_policy": "p"}
+    path = str(tmp_path / "step_1")
+    writers = group(2, two)
+    try:
+        writers.call("train_step", [([s], [norm]) for s in batch.split(train, 2)])
+        writers.call("save_pretrained", [(path, state)] * 2)
+        before = held(writers)
+    finally:
+        writers.shutdown()
+    names = checkpoint.optimizer_names(checkpoint.read_state(tmp_path / "step_1")["optimizer"])
+    written = [checkpoint.load_nested(tmp_path / "step_1", n) for n in names]
+    assert len(written) == 2 and all(w["params"] for w in written)  # each rank wrote its share
+    assert_same({"step": written[0]["step"], "params": {k: v for w in written for k, v in w["params"].items()}},
+                before)
+
+    one = in_process_learner(tiny_policy, dataclasses.replace(two, zero_stage=3))
+    one.load_checkpoint(path)
+    assert_same(zero_state.gather(one.engine, 0, 1), before)
+    weights = one.export_weights()
+    assert all(np.array_equal(weights[k], v["fp32"].numpy()) for k, v in before["params"].items() if k in weights)
+
+    three = group(3, dataclasses.replace(two, zero_stage=1))
+    try:
+        three.call("load_checkpoint", [(path,)] * 3)
+        assert_same(held(three), before)
+        weights = three.call("export_weights", [()] * 3)[0]
+    finally:
+        three.shutdown()
+    assert all(np.array_equal(weights[k], v["fp32"].numpy()) for k, v in before["params"].items() if k in weights)
