@@ -199,17 +199,18 @@ def tokenize(examples: list[Example], tokenizer: Any, max_prompt_tokens: int, ov
 
 
 class PromptCursor:
-    """Deterministic walk over the training prompts: a fresh seeded permutation each epoch.
+    """Deterministic walk over `size` training prompts (their indices): a fresh seeded
+    permutation each epoch.
 
     Its state is two integers (epoch, position), so a run can save and resume it exactly.
     """
 
-    def __init__(self, data: Tokenized, seed: int, epoch: int = 0, position: int = 0):
-        self.data, self.seed, self.epoch, self.position = data, seed, epoch, position
+    def __init__(self, size: int, seed: int, epoch: int = 0, position: int = 0):
+        self.size, self.seed, self.epoch, self.position = size, seed, epoch, position
         self._order = self._permutation(epoch)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.data.prompt_ids))
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

@@ -115,8 +115,7 @@ def _worker(job: dict[str, Any]) -> None:
         start, cursor_state = int(state["step"]), state["cursor"]
         print(f"sft worker {rank}: resumed from step {start} ({resumed.path})", flush=True)
     rows: pa.Table = ray.get(job["rows"])  # through the object store, not pickled into every worker's config
-    cursor = data.PromptCursor(data.Tokenized(rows.column("prompt_ids").to_pylist(), [], 0, 0), job["seed"],
-                               **cursor_state)
+    cursor = data.PromptCursor(len(rows), job["seed"], **cursor_state)
     out = Path(job["output_dir"])
     writer = None
     if rank == 0:

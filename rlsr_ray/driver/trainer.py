@@ -123,7 +123,7 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
     """Steps from resume.step to run.steps; returns their metrics rows and checkpoint timings."""
     from tqdm import tqdm
 
-    schedule = Schedule(cfg, pools, train_tok, data.PromptCursor(train_tok, cfg.run.seed, **resume.cursor),
+    schedule = Schedule(cfg, pools, train_tok, data.PromptCursor(len(train_tok.prompt_ids), cfg.run.seed, **resume.cursor),
                         resume.pending)
     rows: list[dict[str, Any]] = []
     writer = MetricsWriter(out)
@@ -187,7 +187,7 @@ def recover_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_pat
     log.warning("learners restored to step %d from %s; training goes on from there", step,
                 folder or "the initial weights")
     # Generations queued before the failure are abandoned: those saved with the checkpoint replace them.
-    cursor = data.PromptCursor(train_tok, cfg.run.seed, **cursor_state)
+    cursor = data.PromptCursor(len(train_tok.prompt_ids), cfg.run.seed, **cursor_state)
     return step, Schedule(cfg, pools, train_tok, cursor, _pending(folder, state))
 
 
