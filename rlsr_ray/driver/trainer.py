@@ -123,8 +123,8 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
     """Steps from resume.step to run.steps; returns their metrics rows and checkpoint timings."""
     from tqdm import tqdm
 
-    schedule = Schedule(cfg, pools, train_tok, data.PromptCursor(len(train_tok.prompt_ids), cfg.run.seed, **resume.cursor),
-                        resume.pending)
+    cursor = data.PromptCursor(len(train_tok.prompt_ids), cfg.run.seed, **resume.cursor)
+    schedule = Schedule(cfg, pools, train_tok, cursor, resume.pending)
     rows: list[dict[str, Any]] = []
     writer = MetricsWriter(out)
     bar = tqdm(desc="rlsr", unit="step", initial=resume.step, total=cfg.run.steps, disable=not cfg.run.progress,
