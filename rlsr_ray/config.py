@@ -414,7 +414,7 @@ def validate(cfg: Config) -> None:
 
 def _validate_terms(terms: tuple[RewardTerm, ...], need) -> None:
     """What a term's fields alone tell; reward terms are imported and their signatures checked
-    when a command loads them (rlsr_ray.algo.terms.load_terms), before anything starts."""
+    when a command loads them (models.resolve_reward_terms), before anything starts."""
     import math
     import re
 

@@ -139,3 +139,15 @@ def resolve_reward_model(name: str) -> str:
     if name.startswith((".", "/", "~")) and not path.exists():
         raise ModelError(f"model.reward_model: {name}: no such folder")
     return str(path.resolve()) if path.exists() else name
+
+
+def resolve_reward_terms(cfg) -> list:
+    """The config's reward terms (algo/terms.py) ready for the reward actors: each similarity
+    term's model resolved as resolve_reward_model does, user terms imported and their signatures
+    checked. Commands call it before they start anything, so a bad term stops them in one line."""
+    from rlsr_ray.algo import terms
+
+    out = terms.specs(cfg, resolve_reward_model)
+    for spec in out:
+        terms.check(spec)
+    return out

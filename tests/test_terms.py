@@ -16,6 +16,7 @@ from rlsr_ray import batch
 from rlsr_ray.algo import terms as T
 from rlsr_ray.algo.reward import PenaltyRule, cosine_rows, longest_common_substring
 from rlsr_ray.config import load_config
+from rlsr_ray.models import resolve_reward_terms
 
 sys.path.insert(0, str(Path(__file__).parent))  # reward_fns, as a user's module on the path
 import reward_fns  # noqa: E402
@@ -41,7 +42,7 @@ def terms_of(override: str, minilm_path: str | None = None) -> list[T.TermSpec]:
 
 @pytest.fixture(scope="module")
 def paper_actor(minilm_path):
-    return RewardActor(T.load(load_config("tiny")))
+    return RewardActor(resolve_reward_terms(load_config("tiny")))
 
 
 def test_the_default_is_the_papers_reward_bit_for_bit(paper_actor, minilm_path):
@@ -126,7 +127,7 @@ def test_a_class_term_is_built_once_per_actor_with_its_args():
 def test_a_bad_term_stops_at_load_naming_it(term, message):
     cfg = load_config("tiny", [f"--reward.terms=[{{name: similarity}}, {term}]"])
     with pytest.raises(T.RewardTermError, match=message) as e:
-        T.load(cfg)
+        resolve_reward_terms(cfg)
     assert "\n" not in str(e.value) and "reward term 'x'" in str(e.value)
 
 

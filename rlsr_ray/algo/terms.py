@@ -125,17 +125,6 @@ def specs(cfg, resolve_model: Callable[[str], str] = lambda m: m) -> list[TermSp
     return out
 
 
-def load(cfg) -> list[TermSpec]:
-    """The config's terms, models resolved and user terms imported and checked: a command calls it
-    before it starts anything, so a bad term stops it with one line."""
-    from rlsr_ray.models import resolve_reward_model
-
-    out = specs(cfg, resolve_reward_model)
-    for spec in out:
-        check(spec)
-    return out
-
-
 def paper(model: str, rule: PenaltyRule = PenaltyRule()) -> list[TermSpec]:
     """The paper's RLSR reward as terms: similarity under `model`, replaced by `rule`'s penalty."""
     return [TermSpec("similarity", "similarity", 1.0, {"model": model}),

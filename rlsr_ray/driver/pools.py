@@ -63,7 +63,7 @@ def rollout_pool(cfg: Config, policy_path: str):
 
 
 def reward_pool(cfg: Config, terms: list):
-    """The reward pool scoring the given reward terms (algo.terms.load), or the shared reward
+    """The reward pool scoring the given reward terms (models.resolve_reward_terms), or the shared reward
     service when reward_service.enabled."""
     from actors.pool import Pool
     from actors.reward import RewardActor

@@ -50,8 +50,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from rlsr_ray import checkpoint, data
     from rlsr_ray.driver import trainer
     from rlsr_ray.driver.heldout import heldout_similarity, paired_delta
-    from rlsr_ray.algo import terms
-    from rlsr_ray.models import resolve_policy
+    from rlsr_ray.models import resolve_policy, resolve_reward_terms
     from rlsr_ray.policy import describe_compute_dtype
 
     t_start = time.perf_counter()
@@ -60,7 +59,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # Every input is checked before anything is written or started: bad input leaves no trace.
     policy_path = resolve_policy(cfg.model.policy, cfg.model.cache_dir)
-    reward_terms = terms.load(cfg)
+    reward_terms = resolve_reward_terms(cfg)
     train_tok, heldout_tok = prepare_data(cfg, policy_path)
     log.info("data: %d training prompts, %d held out (%d truncated, %d dropped)", len(train_tok.prompt_ids),
              len(heldout_tok.prompt_ids) if heldout_tok else 0, train_tok.truncated, train_tok.dropped)

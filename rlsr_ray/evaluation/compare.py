@@ -49,7 +49,7 @@ def arm_configs(cfg: Config) -> dict[str, Config]:
 
 def compare(cfg: Config) -> dict[str, Any]:
     from rlsr_ray import sft
-    from rlsr_ray.algo import terms
+    from rlsr_ray.models import resolve_reward_terms
     from rlsr_ray.driver import run
     from rlsr_ray.driver.ray_session import connect_ray
     from rlsr_ray.evaluation import report
@@ -60,7 +60,7 @@ def compare(cfg: Config) -> dict[str, Any]:
     arms = arm_configs(cfg)
     load_prompts(cfg)  # bad data, or a judge that cannot answer, fails before hours of training
     make_judge(cfg)
-    terms.load(cfg)  # so does a reward term that cannot be imported
+    resolve_reward_terms(cfg)  # so does a reward term that cannot be imported
     timings: dict[str, float] = {}
     started = None  # one Ray for every arm, started when an arm is trained (eval connects itself)
     try:

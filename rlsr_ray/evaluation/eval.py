@@ -123,13 +123,12 @@ def generate_all(cfg: Config, checkpoints: list[tuple[str, str]], prompts: Promp
     """Each checkpoint's answers, one rollout pool at a time; one reward pool scores them all."""
     from actors.sampling import SamplingSpec
     from rlsr_ray.driver.heldout import answers
-    from rlsr_ray.algo import terms
     from rlsr_ray.driver.pipeline import Pools
     from rlsr_ray.driver.pools import reward_pool, rollout_pool
-    from rlsr_ray.models import resolve_policy
+    from rlsr_ray.models import resolve_policy, resolve_reward_terms
 
     paths = [(name, resolve_policy(path, cfg.model.cache_dir)) for name, path in checkpoints]
-    reward_terms = terms.load(cfg)
+    reward_terms = resolve_reward_terms(cfg)
     e = cfg.eval
     spec = SamplingSpec(n=1, max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=1.0,
                         seed=cfg.run.seed)
