@@ -63,17 +63,19 @@ class TransformersBackend:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec,
                  keys: Sequence[int] | None = None) -> list[list[Sample]]:
-        """`keys` unused: one seeded stream per call (RolloutBackend.generate)."""
-        flat = [p for p in prompts for _ in range(spec.n)]
-        gen = torch.Generator().manual_seed(spec.seed)
+        """Sample k of the prompt keyed g draws from its own stream, seeded by (spec.seed, g, k)
+        (keyed_sampler.py), so it does not depend on the actor, the batch or the chunking; without
+        keys, a prompt's position in this call is its key."""
+        keys = list(range(len(prompts))) if keys is None else list(keys)
+        flat = [(p, (spec.seed, key, k)) for p, key in zip(prompts, keys) for k in range(spec.n)]
         samples: list[Sample] = []
         for s in range(0, len(flat), self.batch_size):
-            # Seed each chunk from one generator so results do not depend on scheduling.
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            samples.extend(self._generate_chunk(flat[s:s + self.batch_size], spec))
+            chunk = flat[s:s + self.batch_size]
+            samples.extend(self._generate_chunk([p for p, _ in chunk], spec, [row for _, row in chunk]))
         return [samples[i * spec.n:(i + 1) * spec.n] for i in range(len(prompts))]
 
-    def _generate_chunk(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[Sample]:
+    def _generate_chunk(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec,
+                        rows: Sequence[tuple[int, int, int]]) -> list[Sample]:
         width = max(len(p) for p in prompts)
         pad = self.tok.pad_token_id
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -82,8 +84,14 @@ class TransformersBackend:
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         greedy = spec.temperature == 0
-        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=spec.temperature,
-                                                           top_p=spec.top_p, top_k=0)
+        kwargs: dict = dict(do_sample=False)  # sampling, too, is an argmax: of Gumbel-perturbed scores
+        if not greedy:
+            from transformers import LogitsProcessorList
+
+            from actors.keyed_sampler import KeyedGumbel
+
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [KeyedGumbel(rows, spec.temperature, spec.top_p, self.device)])
         with autocast(self.device, self.compute_dtype):
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device),

@@ -316,7 +316,7 @@ class LearnerActor:
         else:
             yield model
 
-    # The weight route (rlsr_ray/weight_sync.py): rank 0 sends, the rollout actors receive.
+    # The weight route (rlsr_ray/weight_group.py): rank 0 sends, the rollout actors receive.
     def weight_specs(self) -> list | None:
         return self.specs if self.rank == 0 else None
 

@@ -70,7 +70,7 @@ class RolloutActor:
         self.policy_version = version
         return version
 
-    # The weight route (rlsr_ray/weight_sync.py): rank 1 + this actor's rank, learner rank 0 sends.
+    # The weight route (rlsr_ray/weight_group.py): rank 1 + this actor's rank, learner rank 0 sends.
     def weight_dtype(self) -> str:
         return self.backend.weight_dtype
 

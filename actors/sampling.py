@@ -26,13 +26,12 @@ class RolloutBackend(Protocol):
                  keys: Sequence[int] | None = None) -> list[list[Sample]]:
         """One list of `spec.n` samples per prompt, in prompt order. `keys` (one int per prompt,
         the group ids) let a backend seed each prompt on its own, so a prompt's samples do not
-        depend on which actor drew it or what else was in its batch (vLLM does; the transformers
-        backend seeds each call, its batches sharing one random stream)."""
+        depend on which actor drew it or what else was in its batch (both backends do)."""
 
     def load_weights(self, state_dict: dict) -> None:
         """The whole state dict, through Ray's object store (first sync, fallback)."""
 
-    # The weight route (rlsr_ray/weight_sync.py): this backend's end of the group, where the model is.
+    # The weight route (rlsr_ray/weight_group.py): this backend's end of the group, where the model is.
     weight_dtype: str  # what the model's weights are held in, hence what travels
 
     def join_route(self, address: str, rank: int, settings: Any, specs: list) -> None: ...

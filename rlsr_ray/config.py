@@ -162,7 +162,7 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class RewardServiceConfig:
-    # Score with the reward as a Ray Serve deployment (rlsr_ray/reward_service.py) instead of the
+    # Score with the reward as a Ray Serve deployment (serving/reward_service.py) instead of the
     # reward pool; placement from pools.reward. An app of this name already running on the
     # cluster is used as it is, so several runs can share one service.
     enabled: bool = False

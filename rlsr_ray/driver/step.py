@@ -5,7 +5,7 @@
 The generation a step trains on may have been started earlier (algo.max_staleness > 0 overlaps it
 with the previous step's training). With dynamic sampling, groups whose rewards barely differ are
 dropped and further prompts are generated until the step has train.prompts_per_step groups or
-algo.max_refill_rounds is spent. Data moves as references (rlsr_ray/pipeline.py); the driver
+algo.max_refill_rounds is spent. Data moves as references (driver/pipeline.py); the driver
 reads rewards and summaries only, and times each phase for metrics.jsonl.
 """
 from __future__ import annotations
