@@ -103,19 +103,6 @@ def test_tiny_preset_through_ray_job_submit(ray_head, tmp_path):
     _check_outputs(out, 2)
 
 
-def test_pools_in_the_driver_read_tables_a_remote_pool_left_in_the_object_store(tmp_path):
-    """Rollout on a Ray actor, the other roles in the driver (num_actors: 0): the references to
-    the rollout tables are fetched for them, as Ray fetches a remote call's arguments."""
-    out = tmp_path / "mixed"
-    done = subprocess.run([sys.executable, "-m", "rlsr_ray.run", "tiny", "--ray.address=local", "--run.steps=1",
-                           "--run.eval_before_after=false", "--run.progress=false", f"--run.output_dir={out}",
-                           *[f"--pools.{r}.num_actors=0" for r in ("reward", "reference", "learner")]],
-                          env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["minibatches"] == 2 and row["train_groups"] == 4 and "skipped" not in row
-
-
 def test_bad_config_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rlsr_ray.run", "tiny", "--run.stepz=1"], env=ENV,
                           capture_output=True, text=True, timeout=60)

@@ -80,6 +80,10 @@ def test_service_refuses_a_table_off_the_contract(service):
 
 
 def test_a_tiny_run_with_the_service_matches_the_run_with_the_pool(tmp_path, tiny_run):
+    """The shared tiny run again, scored by the service, with the reference and learner roles in
+    the driver (num_actors: 0): those read the rollout tables the remote rollout pool left in the
+    object store (their references fetched for them, as Ray fetches a remote call's arguments).
+    Every step's numbers are the all-actor run's."""
     import json
     import subprocess
     import sys
@@ -95,8 +99,8 @@ def test_a_tiny_run_with_the_service_matches_the_run_with_the_pool(tmp_path, tin
     # The same reward terms, a user's among them, built in the service's replicas.
     proc = subprocess.run([sys.executable, "-m", "rlsr_ray.run", "tiny", "--ray.address=local", "--run.steps=3",
                            "--run.progress=false", f"--run.output_dir={out}", "--reward_service.enabled=true",
-                           USER_TERMS], env={**os.environ, **TESTS_ON_PATH}, capture_output=True, text=True,
-                          timeout=600)
+                           "--pools.reference.num_actors=0", "--pools.learner.num_actors=0", USER_TERMS],
+                          env={**os.environ, **TESTS_ON_PATH}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     service_rows, service_summary = rows_and_summary(out)
     assert len(service_rows) == 3
