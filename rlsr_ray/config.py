@@ -140,6 +140,11 @@ class PoolConfig:
     # This role's wait for one call; None: ray.call_timeout_s. A rollout of 4096-token answers
     # takes far longer than scoring them, so one bound for every role is either loose or wrong.
     call_timeout_s: Optional[float] = None
+    # Learners only: after losing a rank (a node gone), the group is rebuilt at the largest size
+    # from num_actors down to min_actors that the cluster places, waiting shrink_after_s for each
+    # size but the last (None: num_actors, never smaller). ZeRO state loads at any size.
+    min_actors: Optional[int] = None
+    shrink_after_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -393,6 +398,7 @@ def validate(cfg: Config) -> None:
         # recompute the old log-probs themselves.
         need(r.top_p == 1.0 or r.temperature == 0 or a.recompute_old_logprobs, "rollout.top_p",
              "the vllm backend with top_p < 1 needs algo.recompute_old_logprobs=true", r.top_p)
+    _validate_learner_sizes(cfg, need)
     if cfg.pools.learner.num_actors > 1:
         need(t.mini_batch_prompts * r.samples_per_prompt >= cfg.pools.learner.num_actors,
              "train.mini_batch_prompts", "a mini-batch needs at least one sequence per learner",
@@ -437,3 +443,27 @@ def _validate_terms(terms: tuple[RewardTerm, ...], need) -> None:
          names)
     need(any((t.fn or t.name) != "copy_penalty" for t in terms), "reward.terms",
          "copy_penalty needs a term it can replace", names)
+
+
+def learner_sizes(cfg: Config) -> list[int]:
+    """The learner group sizes a run may train at, largest first: num_actors, then down to
+    pools.learner.min_actors after losing ranks (a pool in the driver is one learner)."""
+    p = cfg.pools.learner
+    top = max(1, p.num_actors)
+    return list(range(top, (p.min_actors or top) - 1, -1))
+
+
+def _validate_learner_sizes(cfg: Config, need) -> None:
+    for role in ("rollout", "reward", "reference"):
+        p = getattr(cfg.pools, role)
+        need(p.min_actors is None, f"pools.{role}.min_actors", "only the learner pool shrinks (rollout, reward and "
+             "reference actors are replaced by Ray: max_restarts)", p.min_actors)
+    p = cfg.pools.learner
+    need(p.min_actors is None or 1 <= p.min_actors <= max(1, p.num_actors), "pools.learner.min_actors",
+         f"must be in [1, pools.learner.num_actors={p.num_actors}]", p.min_actors)
+    need(p.shrink_after_s > 0, "pools.learner.shrink_after_s", "must be > 0", p.shrink_after_s)
+    rows_mb = cfg.train.mini_batch_prompts * cfg.rollout.samples_per_prompt
+    uneven = [w for w in learner_sizes(cfg)[1:] if rows_mb % w]  # num_actors itself: validate
+    need(not uneven, "pools.learner.min_actors", f"train.mini_batch_prompts x rollout.samples_per_prompt = "
+         f"{rows_mb} sequences do not divide evenly over {uneven} learners, sizes the group may shrink to",
+         p.min_actors)

@@ -59,10 +59,11 @@ class StepPlan:
     learner_world_size: int
 
 
-def step_plan(cfg: Config) -> StepPlan:
+def step_plan(cfg: Config, learners: int | None = None) -> StepPlan:
+    """The step's arithmetic for a learner group of `learners` (None: pools.learner.num_actors)."""
     n = cfg.rollout.samples_per_prompt
     t = cfg.train
-    world = max(1, cfg.pools.learner.num_actors)
+    world = learners or max(1, cfg.pools.learner.num_actors)
     rows_mb = t.mini_batch_prompts * n
     per_learner = rows_mb // world  # config.validate saw that it divides
     return StepPlan(

@@ -36,6 +36,11 @@ CONFIG_CASES = [
       "--train.prompts_per_step=1"], "divide evenly over 2 learners"),
     (["run.steps=3"], "bad argument"),
     (["--pools.reward.device=tpu"], "pools.reward.device: 'tpu' is not allowed"),
+    (["--pools.learner.num_actors=2", "--pools.learner.min_actors=3"],
+     "pools.learner.min_actors: 3 is out of range; must be in [1, pools.learner.num_actors=2]"),
+    (["--pools.rollout.min_actors=1"], "pools.rollout.min_actors: 1 is out of range; only the learner pool shrinks"),
+    (["--pools.learner.num_actors=4", "--pools.learner.min_actors=2", "--rollout.samples_per_prompt=4",
+      "--train.mini_batch_prompts=1", "--train.prompts_per_step=2"], "do not divide evenly over [3] learners"),
 ]
 
 DATA_CASES = [

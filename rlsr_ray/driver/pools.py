@@ -20,20 +20,56 @@ def learner_settings(cfg: Config, lr: float, micro_steps: int):
     )
 
 
-def learner_pool(cfg: Config, policy_path: str):
-    """The learner pool's actors, created (they load the policy) but not yet in a group."""
+def learner_pool(cfg: Config, policy_path: str, learners: int | None = None,
+                 placement_timeout_s: float | None = None):
+    """The learner pool's actors, `learners` of them (None: pools.learner.num_actors), created (they
+    load the policy) but not yet in a group."""
+    import dataclasses
+
     from actors.learner import LearnerActor
     from actors.pool import Pool
     from rlsr_ray.plan import step_plan
 
+    plan = step_plan(cfg, learners)
     p = cfg.pools.learner
-    plan = step_plan(cfg)
+    if learners is not None and p.num_actors > 0:
+        p = dataclasses.replace(p, num_actors=learners)
     settings = learner_settings(cfg, cfg.train.lr, plan.micro_steps)
+    timeouts = _timeouts(cfg)
+    if placement_timeout_s is not None:
+        timeouts["placement_timeout_s"] = placement_timeout_s
     # No Ray restarts: a learner group is rebuilt whole and reloaded from a checkpoint (trainer.py).
     return Pool("learner", LearnerActor, p, dict(
         policy_path=policy_path, settings=settings, world_size=plan.learner_world_size,
         device=pool_device(p), torch_threads=p.torch_threads, cache_dir=cfg.model.cache_dir),
-        ray_restarts=False, **_timeouts(cfg))
+        ray_restarts=False, **timeouts)
+
+
+def rebuild_learner_group(cfg: Config, policy_path: str):
+    """(a set-up learner group, its step plan) at the largest size in config.learner_sizes the
+    cluster places: each size but the smallest gets pools.learner.shrink_after_s to be placed, the
+    smallest ray.placement_timeout_s, as a first build does."""
+    import logging
+
+    from actors.pool import PoolTimeout
+    from rlsr_ray.config import learner_sizes
+    from rlsr_ray.plan import step_plan
+
+    sizes = learner_sizes(cfg)
+    for size in sizes:
+        last = size == sizes[-1]
+        try:
+            learner = learner_pool(cfg, policy_path, size,
+                                   None if last else cfg.pools.learner.shrink_after_s)
+        except PoolTimeout as e:
+            if last:
+                raise
+            logging.getLogger("rlsr_ray").warning("learner group of %d not placed (%s); trying %d", size, e,
+                                                  size - 1)
+            continue
+        learner.get(start_setup(learner), "setup")
+        return learner, step_plan(cfg, size)
+    raise AssertionError("learner_sizes is never empty")
 
 
 def start_setup(learner):

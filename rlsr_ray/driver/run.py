@@ -18,7 +18,7 @@ import yaml
 
 from actors.pool import WORKER_ENV
 from rlsr_ray.config import Config, ConfigError, load_config, preset_names
-from rlsr_ray.driver.pools import build_pools, learner_pool, start_setup
+from rlsr_ray.driver.pools import build_pools, rebuild_learner_group
 from rlsr_ray.driver.ray_session import connect_ray
 
 log = logging.getLogger("rlsr_ray")
@@ -83,12 +83,8 @@ def run(cfg: Config) -> dict[str, Any]:
             if heldout_tok and cfg.run.eval_before_after else None
         before = trainer.baseline_eval(pools, heldout, cfg.run.eval_max_new_tokens, out) \
             if heldout is not None else None
-        def rebuild_learners():
-            learner = learner_pool(cfg, policy_path)
-            learner.get(start_setup(learner), "setup")
-            return learner
-
-        rows, saving = trainer.train_loop(cfg, pools, plan, train_tok, out, resume, policy_path, rebuild_learners)
+        rows, saving = trainer.train_loop(cfg, pools, plan, train_tok, out, resume, policy_path,
+                                          lambda: rebuild_learner_group(cfg, policy_path))
         summary.update(trainer.throughput(rows), **saving,
                        final_checkpoint=str(checkpoint.step_dir(out, cfg.run.steps)))
         if before is not None:

@@ -119,7 +119,8 @@ def save_checkpoint(pools: Pools, out: Path, step: int, schedule: Schedule, poli
 
 
 def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, resume: Resume,
-               policy_path: str, rebuild_learners: Callable[[], Any]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+               policy_path: str, rebuild_learners: Callable[[], tuple[Any, StepPlan]]
+               ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Steps from resume.step to run.steps; returns their metrics rows and checkpoint timings."""
     from tqdm import tqdm
 
@@ -136,6 +137,7 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
             try:
                 row = rlsr_step(cfg, pools, plan, schedule.take(step), step, schedule.refills(step))
                 row["prompts_truncated"], row["prompts_dropped"] = train_tok.truncated, train_tok.dropped
+                row["learners"] = plan.learner_world_size
                 # The row goes first: a checkpoint on disk never runs ahead of metrics.jsonl.
                 writer.write(row)
                 rows.append(row)
@@ -153,8 +155,8 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
                     raise
                 rebuilds += 1
                 writer.close()
-                step, schedule = recover_learners(cfg, pools, out, train_tok, policy_path, rebuild_learners,
-                                                  step + 1, str(e))
+                step, schedule, plan = recover_learners(cfg, pools, out, train_tok, policy_path, rebuild_learners,
+                                                        step + 1, str(e))
                 rows = [r for r in rows if r["step"] <= step]
                 writer = MetricsWriter(out)
                 bar.n = step
@@ -171,13 +173,16 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
 
 
 def recover_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_path: str,
-                     rebuild: Callable[[], Any], failed_step: int, what: str) -> tuple[int, Schedule]:
-    """Replace a learner group that lost an actor: new actors, the newest checkpoint (or the
-    initial weights), those weights to the rollout pool. Steps after that checkpoint run again;
-    their metrics lines are dropped, so each step is recorded once."""
+                     rebuild: Callable[[], tuple[Any, StepPlan]], failed_step: int,
+                     what: str) -> tuple[int, Schedule, StepPlan]:
+    """Replace a learner group that lost an actor: new actors (fewer, down to
+    pools.learner.min_actors, where the cluster cannot place them all: a node gone), the newest
+    checkpoint (or the initial weights), those weights to the rollout pool. Steps after that
+    checkpoint run again; their metrics lines are dropped, so each step is recorded once."""
     log.warning("step %d: %s; rebuilding the learner pool and restoring the newest checkpoint", failed_step, what)
     pools.learner.shutdown()
-    pools.learner = rebuild()
+    pools.learner, plan = rebuild()
+    log.warning("learner group rebuilt with %d learner(s)", plan.learner_world_size)
     # Never a checkpoint from beyond this run's progress (an earlier run may have left some).
     folder = checkpoint.latest(out, at_most=failed_step)
     state = resumable(cfg, folder, policy_path) if folder is not None else \
@@ -188,7 +193,7 @@ def recover_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_pat
                 folder or "the initial weights")
     # Generations queued before the failure are abandoned: those saved with the checkpoint replace them.
     cursor = data.PromptCursor(len(train_tok.prompt_ids), cfg.run.seed, **cursor_state)
-    return step, Schedule(cfg, pools, train_tok, cursor, _pending(folder, state))
+    return step, Schedule(cfg, pools, train_tok, cursor, _pending(folder, state)), plan
 
 
 def throughput(rows: list[dict[str, Any]]) -> dict[str, Any]:
