@@ -14,6 +14,7 @@ from rlsr_ray.algo.terms import paper
 
 pytestmark = pytest.mark.slow
 
+PAPER_COLUMNS = ["group_id", "sample_idx", "reward", "similarity", "copy_penalty"]  # REWARDS of paper()
 REF = "Water boils at 100 degrees Celsius at sea level, which is 212 degrees Fahrenheit. " * 2
 
 
@@ -49,7 +50,7 @@ def test_service_rewards_equal_the_pool_rewards(service, minilm_path):
     pool = RewardActor(paper(minilm_path))
     for table, served in zip((a, b), got):
         want = pool.score(table)
-        assert served.schema.equals(batch.REWARDS)
+        assert served.schema.equals(want.schema)  # the key, the reward and each term's column
         assert served.select(["group_id", "sample_idx", "copy_penalty"]).equals(
             want.select(["group_id", "sample_idx", "copy_penalty"]))
         # Embedding in one batch pads to another length: float32 rounding only.
@@ -60,15 +61,15 @@ def test_service_rewards_equal_the_pool_rewards(service, minilm_path):
     assert {k: stats[k] for k in ("batches", "tables", "rows")} == {"batches": 1, "tables": 2, "rows": 5}
 
 
-def test_a_run_joins_a_running_service_and_leaves_it_running(service):
+def test_a_run_joins_a_running_service_and_leaves_it_running(service, minilm_path):
     from rlsr_ray.config import load_config
     from rlsr_ray.serving.reward_service import connect
 
     cfg = load_config("tiny", ["--reward_service.enabled=true", "--reward_service.app_name=rlsr_reward"])
-    shared = connect(cfg, "cpu")
+    shared = connect(cfg, "cpu", paper(minilm_path))
     assert not shared.owned  # found, not deployed
     out = shared.call("score", [(rollouts(["It boils at 100 C."], [REF]),)])[0]
-    assert out.schema.equals(batch.REWARDS)
+    assert out.column_names == PAPER_COLUMNS
     shared.shutdown()  # this run is done; the service is not its to delete
     assert service.stats.remote().result(timeout_s=30)["tables"] >= 3
 
@@ -155,4 +156,4 @@ def test_a_killed_replica_is_replaced_and_the_call_still_answered(service, local
     assert len(names) == 1, names
     local_ray.kill(local_ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
     out = service.score.remote(rollouts(["It boils at 100 C."], [REF])).result(timeout_s=180)
-    assert out.schema.equals(batch.REWARDS) and out.num_rows == 1
+    assert out.column_names == PAPER_COLUMNS and out.num_rows == 1
