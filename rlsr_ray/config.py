@@ -446,11 +446,13 @@ def _validate_terms(terms: tuple[RewardTerm, ...], need) -> None:
 
 
 def learner_sizes(cfg: Config) -> list[int]:
-    """The learner group sizes a run may train at, largest first: num_actors, then down to
-    pools.learner.min_actors after losing ranks (a pool in the driver is one learner)."""
+    """The learner group sizes a run may train at, largest first: num_actors, then the sizes down
+    to pools.learner.min_actors over which a mini-batch splits evenly (8 learners, 2048 sequences
+    a mini-batch, min_actors 4: [8, 4]; a pool in the driver is one learner)."""
     p = cfg.pools.learner
     top = max(1, p.num_actors)
-    return list(range(top, (p.min_actors or top) - 1, -1))
+    rows_mb = cfg.train.mini_batch_prompts * cfg.rollout.samples_per_prompt
+    return [top] + [w for w in range(top - 1, (p.min_actors or top) - 1, -1) if rows_mb % w == 0]
 
 
 def _validate_learner_sizes(cfg: Config, need) -> None:
@@ -462,8 +464,6 @@ def _validate_learner_sizes(cfg: Config, need) -> None:
     need(p.min_actors is None or 1 <= p.min_actors <= max(1, p.num_actors), "pools.learner.min_actors",
          f"must be in [1, pools.learner.num_actors={p.num_actors}]", p.min_actors)
     need(p.shrink_after_s > 0, "pools.learner.shrink_after_s", "must be > 0", p.shrink_after_s)
-    rows_mb = cfg.train.mini_batch_prompts * cfg.rollout.samples_per_prompt
-    uneven = [w for w in learner_sizes(cfg)[1:] if rows_mb % w]  # num_actors itself: validate
-    need(not uneven, "pools.learner.min_actors", f"train.mini_batch_prompts x rollout.samples_per_prompt = "
-         f"{rows_mb} sequences do not divide evenly over {uneven} learners, sizes the group may shrink to",
-         p.min_actors)
+    need(p.min_actors is None or len(learner_sizes(cfg)) > 1 or p.min_actors == max(1, p.num_actors),
+         "pools.learner.min_actors", "no smaller learner group splits a mini-batch (train.mini_batch_prompts x "
+         "rollout.samples_per_prompt sequences) evenly", p.min_actors)

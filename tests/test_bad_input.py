@@ -39,8 +39,8 @@ CONFIG_CASES = [
     (["--pools.learner.num_actors=2", "--pools.learner.min_actors=3"],
      "pools.learner.min_actors: 3 is out of range; must be in [1, pools.learner.num_actors=2]"),
     (["--pools.rollout.min_actors=1"], "pools.rollout.min_actors: 1 is out of range; only the learner pool shrinks"),
-    (["--pools.learner.num_actors=4", "--pools.learner.min_actors=2", "--rollout.samples_per_prompt=4",
-      "--train.mini_batch_prompts=1", "--train.prompts_per_step=2"], "do not divide evenly over [3] learners"),
+    (["--pools.learner.num_actors=3", "--pools.learner.min_actors=2", "--rollout.samples_per_prompt=3",
+      "--train.mini_batch_prompts=1", "--train.prompts_per_step=2"], "no smaller learner group splits a mini-batch"),
 ]
 
 DATA_CASES = [

@@ -85,3 +85,12 @@ def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
         assert policy.resolve_compute_dtype("auto", "cpu") == expected
     assert "float32 on CPU actors" in policy.describe_compute_dtype("auto")  # the AVX2-only case just set
     assert load_config("default").model.compute_dtype == "auto"
+
+
+def test_a_learner_group_shrinks_only_to_sizes_that_split_a_mini_batch():
+    from rlsr_ray.config import learner_sizes
+
+    assert learner_sizes(load_config("gpu_a100")) == [8, 4]  # 2048 sequences a mini-batch
+    assert learner_sizes(load_config("gpu_hetero")) == [4, 2, 1]
+    assert learner_sizes(load_config("tiny")) == [1]
+    assert learner_sizes(load_config("tiny", ["--pools.learner.num_actors=2", "--pools.learner.min_actors=1"])) == [2, 1]
