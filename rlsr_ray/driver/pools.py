@@ -56,16 +56,15 @@ def rebuild_learner_group(cfg: Config, policy_path: str):
     from rlsr_ray.plan import step_plan
 
     sizes = learner_sizes(cfg)
-    for size in sizes:
-        last = size == sizes[-1]
+    for size, smaller in zip(sizes, sizes[1:] + [None]):
         try:
             learner = learner_pool(cfg, policy_path, size,
-                                   None if last else cfg.pools.learner.shrink_after_s)
+                                   None if smaller is None else cfg.pools.learner.shrink_after_s)
         except PoolTimeout as e:
-            if last:
+            if smaller is None:
                 raise
             logging.getLogger("rlsr_ray").warning("learner group of %d not placed (%s); trying %d", size, e,
-                                                  size - 1)
+                                                  smaller)
             continue
         learner.get(start_setup(learner), "setup")
         return learner, step_plan(cfg, size)
