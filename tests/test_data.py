@@ -106,3 +106,19 @@ def test_prompts_table_matches_contract(tiny_tokenizer):
     t = data.prompts_table(tok, [4, 0], first_group_id=10)
     assert t.column("group_id").to_pylist() == [10, 11]
     assert t.column("reference_text").to_pylist() == [tok.references[4], tok.references[0]]
+
+
+def test_a_rows_other_fields_and_prompt_text_reach_the_prompts_table(tmp_path, tiny_tokenizer):
+    """Reward terms read the prompt's text and the data row's other fields (README, "Your own reward")."""
+    import json
+
+    path = tmp_path / "d.jsonl"
+    rows = [{"instruction": "Name a colour.", "input": "", "output": "Red.", "category": "open", "level": 2},
+            {"prompt": "2+2?", "response": "4", "answer": 4},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    tok = data.tokenize(data.load_examples(str(path)), tiny_tokenizer, 256, "drop")
+    t = data.prompts_table(tok, [0, 1, 2], first_group_id=0)
+    assert t.column("prompt_text").to_pylist() == ["Name a colour.", "2+2?", "Hi"]
+    assert [json.loads(x) for x in t.column("data_json").to_pylist()] == [
+        {"category": "open", "level": 2}, {"answer": 4}, {}]
