@@ -378,26 +378,9 @@ def validate(cfg: Config) -> None:
     need(cfg.run.steps >= 0, "run.steps", "must be >= 0", cfg.run.steps)
     need(cfg.data.heldout_size >= 0, "data.heldout_size", "must be >= 0", cfg.data.heldout_size)
     need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", cfg.data.max_prompt_tokens)
-    for role in ("rollout", "reward", "reference", "learner"):
-        p: PoolConfig = getattr(cfg.pools, role)
-        need(p.num_actors >= 0, f"pools.{role}.num_actors", "must be >= 0", p.num_actors)
-        need(p.num_cpus >= 0, f"pools.{role}.num_cpus", "must be >= 0", p.num_cpus)
-        need(p.num_gpus >= 0, f"pools.{role}.num_gpus", "must be >= 0", p.num_gpus)
-        need(p.torch_threads >= 1, f"pools.{role}.torch_threads", "must be >= 1", p.torch_threads)
-        need(p.call_timeout_s is None or p.call_timeout_s > 0, f"pools.{role}.call_timeout_s", "must be > 0",
-             p.call_timeout_s)
+    _validate_pools(cfg, need)
     if r.backend == "vllm":
-        need(cfg.pools.rollout.num_gpus > 0, "pools.rollout.num_gpus", "the vllm backend needs GPUs", 0)
-        # vLLM's own limits, refused here rather than by the engine at the first generate.
-        need(sys.version_info >= (3, 11), "rollout.backend", "vLLM 0.33 needs Python >= 3.11, this is "
-             f"{sys.version_info.major}.{sys.version_info.minor}", r.backend)
-        need(r.temperature <= 2, "rollout.temperature", "the vllm backend allows [0, 2]", r.temperature)
-        need(cfg.eval.temperature <= 2, "eval.temperature", "the vllm backend allows [0, 2]", cfg.eval.temperature)
-        # vLLM's log-probs are those of the distribution it sampled from, renormalised after
-        # top-p; the learner's are the full softmax, so their ratio is wrong unless the learners
-        # recompute the old log-probs themselves.
-        need(r.top_p == 1.0 or r.temperature == 0 or a.recompute_old_logprobs, "rollout.top_p",
-             "the vllm backend with top_p < 1 needs algo.recompute_old_logprobs=true", r.top_p)
+        _validate_vllm(cfg, need)
     _validate_learner_sizes(cfg, need)
     if cfg.pools.learner.num_actors > 1:
         need(t.mini_batch_prompts * r.samples_per_prompt >= cfg.pools.learner.num_actors,
@@ -416,6 +399,32 @@ def validate(cfg: Config) -> None:
     need(rows_mb % world == 0, "train.mini_batch_prompts",  # the plan splits each mini-batch evenly
          f"train.mini_batch_prompts x rollout.samples_per_prompt = {rows_mb} sequences must divide evenly "
          f"over {world} learners", t.mini_batch_prompts)
+
+
+def _validate_pools(cfg: Config, need) -> None:
+    for role in ("rollout", "reward", "reference", "learner"):
+        p: PoolConfig = getattr(cfg.pools, role)
+        need(p.num_actors >= 0, f"pools.{role}.num_actors", "must be >= 0", p.num_actors)
+        need(p.num_cpus >= 0, f"pools.{role}.num_cpus", "must be >= 0", p.num_cpus)
+        need(p.num_gpus >= 0, f"pools.{role}.num_gpus", "must be >= 0", p.num_gpus)
+        need(p.torch_threads >= 1, f"pools.{role}.torch_threads", "must be >= 1", p.torch_threads)
+        need(p.call_timeout_s is None or p.call_timeout_s > 0, f"pools.{role}.call_timeout_s", "must be > 0",
+             p.call_timeout_s)
+
+
+def _validate_vllm(cfg: Config, need) -> None:
+    """vLLM's own limits, refused here rather than by the engine at the first generate."""
+    r, a = cfg.rollout, cfg.algo
+    need(cfg.pools.rollout.num_gpus > 0, "pools.rollout.num_gpus", "the vllm backend needs GPUs", 0)
+    need(sys.version_info >= (3, 11), "rollout.backend", "vLLM 0.33 needs Python >= 3.11, this is "
+         f"{sys.version_info.major}.{sys.version_info.minor}", r.backend)
+    need(r.temperature <= 2, "rollout.temperature", "the vllm backend allows [0, 2]", r.temperature)
+    need(cfg.eval.temperature <= 2, "eval.temperature", "the vllm backend allows [0, 2]", cfg.eval.temperature)
+    # vLLM's log-probs are those of the distribution it sampled from, renormalised after
+    # top-p; the learner's are the full softmax, so their ratio is wrong unless the learners
+    # recompute the old log-probs themselves.
+    need(r.top_p == 1.0 or r.temperature == 0 or a.recompute_old_logprobs, "rollout.top_p",
+         "the vllm backend with top_p < 1 needs algo.recompute_old_logprobs=true", r.top_p)
 
 
 def _validate_terms(terms: tuple[RewardTerm, ...], need) -> None:
