@@ -84,14 +84,14 @@ class TransformersBackend:
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         greedy = spec.temperature == 0
-        kwargs: dict = dict(do_sample=False)  # sampling, too, is an argmax: of Gumbel-perturbed scores
+        kwargs: dict = dict(do_sample=False)  # sampling, too, is an argmax: of one token left (keyed_sampler)
         if not greedy:
             from transformers import LogitsProcessorList
 
-            from actors.keyed_sampler import KeyedGumbel
+            from actors.keyed_sampler import KeyedSampler
 
             kwargs["logits_processor"] = LogitsProcessorList(
-                [KeyedGumbel(rows, spec.temperature, spec.top_p, self.device)])
+                [KeyedSampler(rows, spec.temperature, spec.top_p, self.device)])
         with autocast(self.device, self.compute_dtype):
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device),

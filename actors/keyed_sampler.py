@@ -3,11 +3,13 @@ is (the step's seed, its group, its index in the group), not by the actor or bat
 
 transformers samples a whole batch from one generator, so a prompt's samples change with what else
 is in its batch and which actor holds it. Here each row gets its own generator and a token is
-drawn by the Gumbel-max trick: argmax(logits / T + Gumbel noise) is a draw from
-softmax(logits / T) (after top-p), with the noise from the row's generator; generate() then
-decodes greedily. A sample re-drawn on another actor, alone or in another batch, is the same
-sample as long as its logits are: batching can move them in the last bits (other matmul shapes,
-padding), which changes a token only where two perturbed scores tie to that precision.
+drawn by inverting the row's CDF (softmax(logits / T) after top-p, summed in float64) at one
+uniform number from that generator; the processor leaves only that token and generate() decodes
+greedily. A sample re-drawn on another actor, alone or in another batch, is the same sample as
+long as its logits are: batching can move them in the last bits (other matmul shapes, padding),
+which changes a token only where the uniform falls that close to a step of the CDF. One number
+per row and token: cheaper than torch.multinomial over the batch (35 vs 73 ms for 64 rows of a
+49,152-token vocabulary on one CPU thread).
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import torch
 from actors.sampling import mixed_seed
 
 
-class KeyedGumbel:
-    """A logits processor for generate(do_sample=False): temperature, top-p, then each row's own
-    Gumbel noise. Rows are (seed, key, index) triples, in the order of the batch."""
+class KeyedSampler:
+    """A logits processor for generate(do_sample=False): temperature, top-p, then a draw with the
+    row's own generator; every other token's score becomes -inf. Rows are (seed, key, index)
+    triples, in the order of the batch."""
 
     def __init__(self, rows: Sequence[tuple[int, int, int]], temperature: float, top_p: float, device: str):
         from transformers.generation.logits_process import TopPLogitsWarper
@@ -33,11 +36,14 @@ class KeyedGumbel:
         scores = scores.float() / self.temperature
         if self.top_p is not None:
             scores = self.top_p(input_ids, scores)
-        return scores + gumbel(self.generators, scores.shape[-1], scores.device)
+        chosen = draw(torch.softmax(scores, -1, dtype=torch.float64), self.generators)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
 
 
-def gumbel(generators: Sequence[torch.Generator], width: int, device) -> torch.Tensor:
-    """[rows, width] standard Gumbel noise, row r from generators[r] (its next `width` draws)."""
-    u = torch.stack([torch.rand(width, generator=g, device=device, dtype=torch.float64) for g in generators])
-    # u is in [0, 1): lifted off 0, the noise is finite (float64: a float32 u rounds to 1 too often).
-    return (-torch.log(-torch.log(u.clamp_(min=torch.finfo(torch.float64).tiny)))).float()
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """[rows, 1] token indices, row r drawn from probs[r] with generators[r]'s next uniform: the
+    first index whose cumulative probability exceeds it (a token of probability 0 never is)."""
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generators])
+    chosen = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
+    return chosen.clamp_(max=probs.shape[-1] - 1)  # u * total can round up to the last step

@@ -368,16 +368,16 @@ def test_a_sample_is_drawn_alike_in_any_batch(tiny_policy, prompts):
     assert other.column("response_ids").to_pylist() != alone.column("response_ids").to_pylist()
 
 
-def test_keyed_gumbel_draws_from_the_tempered_nucleus():
-    """Gumbel-max over the row's own noise is a draw from softmax(logits / T) after top-p: the
-    frequencies of 20,000 draws are within 5 standard errors of those probabilities, and tokens
-    outside the nucleus never come."""
+def test_keyed_draws_come_from_the_tempered_nucleus():
+    """The row's own stream, inverted through the CDF, is a draw from softmax(logits / T) after
+    top-p: the frequencies of 20,000 draws are within 5 standard errors of those probabilities,
+    and tokens outside the nucleus never come."""
     import torch
 
-    from actors.keyed_sampler import KeyedGumbel
+    from actors.keyed_sampler import KeyedSampler
 
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
-    sampler = KeyedGumbel([(1, 2, 3)], temperature=0.7, top_p=0.9, device="cpu")
+    sampler = KeyedSampler([(1, 2, 3)], temperature=0.7, top_p=0.9, device="cpu")
     draws = np.array([int(sampler(None, logits).argmax()) for _ in range(20_000)])
     p = torch.softmax(logits[0] / 0.7, -1).numpy().astype(np.float64)
     keep = np.cumsum(np.sort(p)) > 1 - 0.9  # HF's top-p: drop the smallest while their mass is <= 1 - p
