@@ -26,7 +26,7 @@ COMPARED = ("loss", "pg_loss", "kl", "reward_mean", "reward_std", "reward_simila
 # (past the saved data cursor). A single ZeRO-0 optimizer copy comes back in tests/test_actors.py
 # (test_checkpoint_restores_training_exactly).
 LAYOUT = ["--train.zero_stage=3", "--pools.learner.num_actors=2", "--algo.max_staleness=2",
-          "--algo.dynamic_sampling=true", "--algo.group_spread_rtol=0.3"]
+          "--algo.dynamic_sampling=true", "--algo.group_spread_rtol=0.5"]
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
