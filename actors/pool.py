@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from actors.membership import Membership, PoolEvent
 from rlsr_ray.config import PoolConfig
-from rlsr_ray.plan import bundles
+from rlsr_ray.plan import bundle, bundles
+from rlsr_ray.pool_sizes import bounds, elastic
 
 log = logging.getLogger("rlsr_ray")
 
@@ -41,12 +44,31 @@ def _resolved(args: tuple) -> tuple:
     return tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
 
 
+@dataclass
+class _Call:
+    actor: Any
+    method: str
+    args: tuple
+    num_returns: int
+    outs: tuple  # every result ref of the call
+    resend: bool  # whether another actor may run it (its result does not depend on the actor)
+    at: float  # time.monotonic() at submission
+
+
+_DROPPED = object()  # a lost actor's value of a call that is not sent again
+
+
 class Pool:
     def __init__(self, role: str, cls: type, cfg: PoolConfig, kwargs: dict[str, Any],
                  placement_timeout_s: float = 600.0, call_timeout_s: float = 3600.0, ray_restarts: bool = True):
         """ray_restarts=False: a dead actor stays dead and the driver rebuilds the pool itself
         (learners: their process group and optimizer state cannot be restored by a bare restart)."""
         self.role, self.cfg = role, cfg
+        self.members: Membership | None = None
+        self._calls: dict[Any, _Call] = {}  # elastic pools: what each pending call was, to send it again
+        self._moved: dict[Any, Any] = {}  # a re-sent call's old result refs -> the new ones
+        self._turn = 0  # which survivor takes the next re-sent call
+        self._losses: dict[Any, PoolEvent] = {}  # lost actor -> its event, which counts its re-sent calls
         own = cfg.call_timeout_s is not None  # the role's own bound, else the run's
         self.call_timeout_s = cfg.call_timeout_s if own else call_timeout_s
         self.timeout_key = f"pools.{role}.call_timeout_s" if own else "ray.call_timeout_s"
@@ -59,47 +81,62 @@ class Pool:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.pg = placement_group(bundles(cfg), strategy="PACK", name=f"rlsr-{role}")
-        self._wait_placement(placement_timeout_s)
         remote_cls = ray.remote(cls)
         env = {**WORKER_ENV, "OMP_NUM_THREADS": str(cfg.torch_threads)}
-        restarts = cfg.max_restarts if ray_restarts else 0
-        self.actors = []
-        for rank in range(cfg.num_actors):
-            b = bundles(cfg)[rank]
-            opts = dict(
+        b = bundle(cfg)
+
+        def options(pg, index: int, restarts: int) -> dict[str, Any]:
+            return dict(
                 num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0),
                 resources={k: v for k, v in b.items() if k not in ("CPU", "GPU")},
                 # A restarted actor re-runs __init__ and Ray re-sends the interrupted call to it;
                 # the driver re-syncs weights where a restart lost them (pipeline.finish_generation).
                 max_restarts=restarts, max_task_retries=restarts, runtime_env={"env_vars": env},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
                 name=None,
             )
-            self.actors.append(remote_cls.options(**opts).remote(**kwargs, rank=rank))
+
+        if ray_restarts and elastic(cfg):
+            # Each actor on its own, replaced by the pool rather than restarted by Ray (membership.py).
+            lo, hi = bounds(cfg)
+            self.members = Membership(role, lambda pg, rank: remote_cls.options(**options(pg, 0, 0)).remote(
+                **kwargs, rank=rank), b, lo, hi)
+            self.members.start(cfg.num_actors, lambda pgs: self._wait_placement(pgs, placement_timeout_s))
+            self.actors = self.members.actors  # the same list: it changes as actors leave and join
+            self.pg = None
+            return
+        self.pg = placement_group(bundles(cfg), strategy="PACK", name=f"rlsr-{role}")
+        self._wait_placement([self.pg], placement_timeout_s)
+        restarts = cfg.max_restarts if ray_restarts else 0
+        self.actors = [remote_cls.options(**options(self.pg, rank, restarts)).remote(**kwargs, rank=rank)
+                       for rank in range(cfg.num_actors)]
 
     @property
     def size(self) -> int:
         return len(self.actors)
 
-    def _wait_placement(self, timeout_s: float) -> None:
+    def _wait_placement(self, pgs: list[Any], timeout_s: float) -> None:
         """Wait for the autoscaler rather than fail: a cluster may be scaling up from zero."""
         import ray
 
         start = time.monotonic()
         next_log = 0.0
         need = bundles(self.cfg)
+        pending = [pg.ready() for pg in pgs]
         while True:
             # A short first wait: a pool that is not placed at once gets its "waiting" line early.
             poll = 1.0 if next_log == 0.0 else 5.0
-            ready, _ = ray.wait([self.pg.ready()], timeout=min(poll, max(timeout_s, 0.1)))
-            if ready:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(poll, max(timeout_s, 0.1)))
+            if not pending:
                 return
             waited = time.monotonic() - start
             if waited >= timeout_s:
                 from ray.util.placement_group import remove_placement_group
 
-                remove_placement_group(self.pg)  # withdraw the request so the autoscaler stops on it
+                for pg in pgs:  # withdraw the request so the autoscaler stops on it
+                    remove_placement_group(pg)
+                if self.members is not None:
+                    self.members.shutdown()
                 raise PoolTimeout(
                     f"pool {self.role}: gave up after {waited:.0f}s waiting for {len(need)} x {need[0]} "
                     f"(cluster total {ray.cluster_resources()}); raise ray.placement_timeout_s or add nodes")
@@ -108,18 +145,28 @@ class Pool:
                          need[0], ray.available_resources())
                 next_log = waited + 30.0
 
-    def submit(self, method: str, per_actor_args: list[tuple], num_returns: int = 1) -> list[Any]:
+    def submit(self, method: str, per_actor_args: list[tuple], num_returns: int = 1,
+               resend: bool = False) -> list[Any]:
         """Call `method` on each actor with its own args; returns refs (remote) or values (local).
         num_returns > 1: the method returns a tuple, and each actor's entry is a tuple of refs, so
-        the caller can fetch one part (a summary) and pass another (a table) on unfetched."""
+        the caller can fetch one part (a summary) and pass another (a table) on unfetched.
+        resend: in an elastic pool, a lost actor's call goes to another actor (the call's result
+        must not depend on which actor runs it); otherwise its value is left out of get()'s."""
         if len(per_actor_args) != len(self.actors):
             raise ValueError(f"pool {self.role}: {len(per_actor_args)} arg sets for {len(self.actors)} actors")
         if not self.remote:
             return [getattr(a, method)(*_resolved(args)) for a, args in zip(self.actors, per_actor_args)]
-        if num_returns != 1:
-            return [tuple(getattr(a, method).options(num_returns=num_returns).remote(*args))
-                    for a, args in zip(self.actors, per_actor_args)]
-        return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor_args)]
+        return [self._submit_one(a, method, args, num_returns, resend) for a, args in zip(self.actors, per_actor_args)]
+
+    def _submit_one(self, actor: Any, method: str, args: tuple, num_returns: int, resend: bool) -> Any:
+        fn = getattr(actor, method)
+        out = tuple(fn.options(num_returns=num_returns).remote(*args)) if num_returns != 1 else fn.remote(*args)
+        if self.members is not None:
+            call = _Call(actor, method, args, num_returns, out if num_returns != 1 else (out,), resend,
+                         time.monotonic())
+            for ref in call.outs:
+                self._calls[ref] = call
+        return out
 
     def broadcast(self, method: str, *args: Any) -> list[Any]:
         return self.submit(method, [args] * len(self.actors))
@@ -127,26 +174,38 @@ class Pool:
     def get(self, results: list[Any], what: str = "", submitted_at: float | None = None) -> list[Any]:
         """Values of one call on every actor. Fails as soon as any actor fails, rather than when
         the slowest finishes: survivors of a group whose peer died may sit in a collective.
-        `submitted_at` (time.monotonic()) starts the call's timeout where the call started."""
+        `submitted_at` (time.monotonic()) starts the call's timeout where the call started.
+        In an elastic pool a lost actor's call is sent again (submit's `resend`) or its value left
+        out; current() then gives the new refs of the call's other results."""
         if not self.remote:
             return results
         import ray
 
         deadline = (time.monotonic() if submitted_at is None else submitted_at) + self.call_timeout_s
         values: list[Any] = [None] * len(results)
+        index = {ref: i for i, ref in enumerate(results)}
         pending = list(results)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                ranks = [i for i, r in enumerate(results) if r in pending]
+                ranks = sorted(index[r] for r in pending)
                 raise PoolTimeout(f"pool {self.role}: actor rank(s) {ranks} did not finish {what} within "
                                   f"{self.call_timeout_s:.0f}s ({self.timeout_key})")
-            rank = results.index(ready[0])
+            rank = index[ready[0]]
             try:
                 values[rank] = ray.get(ready[0])  # kept: rollout tables are not fetched twice
+                self._done(ready[0])
             except ray.exceptions.RayActorError as e:
-                self._settle(pending)
-                raise self._failure(rank, what, e) from e
+                if self.members is None or ready[0] not in self._calls:
+                    self._settle(pending)
+                    raise self._failure(rank, what, e) from e
+                again = self._lost(ready[0], e, what)
+                if again is None:
+                    values[rank] = _DROPPED
+                else:
+                    index[again] = rank
+                    pending.append(again)
+                    deadline = max(deadline, time.monotonic() + self.call_timeout_s)
             except ray.exceptions.RayTaskError as e:
                 # A collective torn by a peer's death reaches the survivors as a task error, often
                 # before the death itself is reported: that death is the failure, if there is one.
@@ -154,7 +213,81 @@ class Pool:
                 if dead is None:
                     raise
                 raise self._failure(dead[0], what, dead[1]) from e
-        return values
+        return [v for v in values if v is not _DROPPED]
+
+    def _done(self, ref: Any) -> None:
+        call = self._calls.get(ref)
+        if call is not None:
+            for r in call.outs:
+                self._calls.pop(r, None)
+
+    def _lost(self, ref: Any, error: BaseException, what: str) -> Any:
+        """An elastic pool's actor died during a call: out of the pool (once), and the call sent to
+        another actor if it may be; returns the new ref in `ref`'s place, or None."""
+        call = self._calls.pop(ref)
+        for r in call.outs:
+            self._calls.pop(r, None)
+        assert self.members is not None
+        if call.actor in self.actors:
+            try:
+                self._losses[call.actor] = self.members.lost(call.actor, error)
+            except RuntimeError as e:
+                raise ActorFailure(self.role, f"{e} (during {what})") from error
+        if not call.resend:
+            return None
+        actor = self.actors[self._turn % len(self.actors)]
+        self._turn += 1
+        event = self._losses[call.actor]
+        event.resent += 1
+        event.lost_s += time.monotonic() - call.at
+        out = self._submit_one(actor, call.method, call.args, call.num_returns, True)
+        new = out if call.num_returns != 1 else (out,)
+        for old, fresh in zip(call.outs, new):
+            self._moved[old] = fresh
+        return new[call.outs.index(ref)]
+
+    def current(self, ref: Any) -> Any:
+        """The ref standing for `ref` now: a result of the call sent again in its place, if it was."""
+        if self.members is None:
+            return ref  # (a local pool's "refs" are the tables themselves)
+        while ref in self._moved:
+            ref = self._moved[ref]
+        return ref
+
+    def admit(self) -> int:
+        """Actors asked for earlier that are placed and ready join the pool; returns how many."""
+        if self.members is None:
+            return 0
+        ready = self.members.ready_to_join()
+        for j in ready:
+            self.members.join(j)
+        return len(ready)
+
+    def take_events(self) -> list[PoolEvent]:
+        return [] if self.members is None else self.members.take_events()
+
+    def nodes(self) -> list[str | None]:
+        """Per actor: the hex id of the node its placement-group bundle is on (None: not known)."""
+        if not self.remote:
+            return [None] * len(self.actors)
+        from ray.util.placement_group import placement_group_table
+
+        if self.members is not None:
+            return [placement_group_table(self.members.pgs[a])["bundles_to_node_id"].get(0) for a in self.actors]
+        placed = placement_group_table(self.pg)["bundles_to_node_id"]
+        return [placed.get(i) for i in range(len(self.actors))]
+
+    def retire(self, nodes: set[str]) -> int:
+        """An elastic pool's actors on these (draining) nodes leave before the nodes do: no new work
+        goes to them, and calls they still hold are sent again when read. Returns how many left."""
+        if self.members is None or not nodes:
+            return 0
+        leaving = [a for a, n in zip(list(self.actors), self.nodes()) if n in nodes]
+        for a in leaving:
+            if len(self.actors) <= max(self.members.lo, 1):
+                break  # the pool's floor: these go on until the node does
+            self._losses[a] = self.members.lost(a, RuntimeError("its node is draining"), kind="drained")
+        return len([a for a in leaving if a not in self.actors])
 
     @staticmethod
     def _settle(refs: list[Any], grace_s: float = 5.0) -> None:
@@ -201,6 +334,9 @@ class Pool:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        if self.members is not None:
+            self.members.shutdown()
+            return
         for a in self.actors:
             ray.kill(a)
         remove_placement_group(self.pg)

@@ -70,12 +70,13 @@ class RolloutActor:
         self.policy_version = version
         return version
 
-    # The weight route (rlsr_ray/weight_group.py): rank 1 + this actor's rank, learner rank 0 sends.
+    # The weight route (rlsr_ray/weight_group.py): learner rank 0 sends, the rollout actors receive.
     def weight_dtype(self) -> str:
         return self.backend.weight_dtype
 
-    def join_weight_route(self, address: str, settings, specs: list) -> None:
-        self.backend.join_route(address, 1 + self.rank, settings, specs)
+    def join_weight_route(self, address: str, settings, specs: list, route_rank: int) -> None:
+        """route_rank: 1 + this actor's place in the pool now (an elastic pool's ranks have gaps)."""
+        self.backend.join_route(address, route_rank, settings, specs)
 
     def in_weight_route(self) -> bool:
         return self.backend.in_route()

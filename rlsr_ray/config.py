@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from rlsr_ray.config_build import ConfigError, build, merge, parse_override
+from rlsr_ray.pool_sizes import validate_sizes
 
 
 @dataclass(frozen=True)
@@ -140,10 +141,14 @@ class PoolConfig:
     # This role's wait for one call; None: ray.call_timeout_s. A rollout of 4096-token answers
     # takes far longer than scoring them, so one bound for every role is either loose or wrong.
     call_timeout_s: Optional[float] = None
-    # Learners only: after losing a rank (a node gone), the group is rebuilt at the largest size
-    # from num_actors down to min_actors that the cluster places, waiting shrink_after_s for each
-    # size but the last (None: num_actors, never smaller). ZeRO state loads at any size.
+    # Bounds of an elastic pool (None: num_actors, a fixed pool). Rollout, reward and reference
+    # actors are each placed on their own: one lost (its node gone) has its calls sent again to the
+    # others, the pool goes on with >= min_actors and places replacements, and grows up to
+    # max_actors as the cluster makes room (actors/membership.py). Learners: after losing a rank,
+    # the group is rebuilt at the largest size from num_actors down to min_actors that the cluster
+    # places, waiting shrink_after_s for each size but the last; ZeRO state loads at any size.
     min_actors: Optional[int] = None
+    max_actors: Optional[int] = None
     shrink_after_s: float = 60.0
 
 
@@ -381,7 +386,7 @@ def validate(cfg: Config) -> None:
     _validate_pools(cfg, need)
     if r.backend == "vllm":
         _validate_vllm(cfg, need)
-    _validate_learner_sizes(cfg, need)
+    validate_sizes(cfg, need)
     if cfg.pools.learner.num_actors > 1:
         need(t.mini_batch_prompts * r.samples_per_prompt >= cfg.pools.learner.num_actors,
              "train.mini_batch_prompts", "a mini-batch needs at least one sequence per learner",
@@ -452,27 +457,3 @@ def _validate_terms(terms: tuple[RewardTerm, ...], need) -> None:
          names)
     need(any((t.fn or t.name) != "copy_penalty" for t in terms), "reward.terms",
          "copy_penalty needs a term it can replace", names)
-
-
-def learner_sizes(cfg: Config) -> list[int]:
-    """The learner group sizes a run may train at, largest first: num_actors, then the sizes down
-    to pools.learner.min_actors over which a mini-batch splits evenly (8 learners, 2048 sequences
-    a mini-batch, min_actors 4: [8, 4]; a pool in the driver is one learner)."""
-    p = cfg.pools.learner
-    top = max(1, p.num_actors)
-    rows_mb = cfg.train.mini_batch_prompts * cfg.rollout.samples_per_prompt
-    return [top] + [w for w in range(top - 1, (p.min_actors or top) - 1, -1) if rows_mb % w == 0]
-
-
-def _validate_learner_sizes(cfg: Config, need) -> None:
-    for role in ("rollout", "reward", "reference"):
-        p = getattr(cfg.pools, role)
-        need(p.min_actors is None, f"pools.{role}.min_actors", "only the learner pool shrinks (rollout, reward and "
-             "reference actors are replaced by Ray: max_restarts)", p.min_actors)
-    p = cfg.pools.learner
-    need(p.min_actors is None or 1 <= p.min_actors <= max(1, p.num_actors), "pools.learner.min_actors",
-         f"must be in [1, pools.learner.num_actors={p.num_actors}]", p.min_actors)
-    need(p.shrink_after_s > 0, "pools.learner.shrink_after_s", "must be > 0", p.shrink_after_s)
-    need(p.min_actors is None or len(learner_sizes(cfg)) > 1 or p.min_actors == max(1, p.num_actors),
-         "pools.learner.min_actors", "no smaller learner group splits a mini-batch (train.mini_batch_prompts x "
-         "rollout.samples_per_prompt sequences) evenly", p.min_actors)

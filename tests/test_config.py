@@ -88,7 +88,7 @@ def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
 
 
 def test_a_learner_group_shrinks_only_to_sizes_that_split_a_mini_batch():
-    from rlsr_ray.config import learner_sizes
+    from rlsr_ray.pool_sizes import learner_sizes
 
     assert learner_sizes(load_config("gpu_a100")) == [8, 4]  # 2048 sequences a mini-batch
     assert learner_sizes(load_config("gpu_hetero")) == [4, 2, 1]

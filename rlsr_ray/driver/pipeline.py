@@ -84,7 +84,7 @@ def start_generation(pools: Pools, prompts: pa.Table, spec: SamplingSpec, step: 
     """Submit generation and return at once: it queues behind the actors' earlier calls, so it
     runs on the weights they hold by then (the version recorded here)."""
     shards = put(pools.rollout, batch.split(prompts, pools.rollout.size))
-    outs = pools.rollout.submit("generate_summarised", [(s, spec) for s in shards], num_returns=2)
+    outs = pools.rollout.submit("generate_summarised", [(s, spec) for s in shards], num_returns=2, resend=True)
     if pools.rollout.remote and pools.route is not None:
         pools.in_flight.extend(o[1] for o in outs)
     return Generation(step, prompts, spec, pools.policy_version, [o[0] for o in outs], [o[1] for o in outs])
@@ -98,6 +98,7 @@ def finish_generation(pools: Pools, gen: Generation) -> Generation:
         return gen
     t0 = time.perf_counter()
     summaries = pools.rollout.get(gen.summaries, "generate")
+    gen.tables = [pools.rollout.current(t) for t in gen.tables]  # a lost actor's share, generated again
     pools.in_flight = [r for r in pools.in_flight if all(r is not g for g in gen.summaries)]
     wrong = sorted({s["min_version"] for s in summaries if s["rows"]} - {gen.version})
     if wrong:
@@ -153,15 +154,18 @@ def score(pools: Pools, gen: Generation, with_reference: bool = True) -> Scored:
     Timing: `reward_s` and `reference_s` are each from the shared start until that pool's last
     result was ready, so their overlap shows; pools running in the driver run one after the other.
     """
+    pools.reward.admit()  # actors placed since the last step join (an elastic pool)
+    if with_reference:
+        pools.reference.admit()
     t0, submitted = time.perf_counter(), time.monotonic()
     reward_args = [(sel, *tables) for tables, sel in _slices(gen, pools.reward.size)]
-    pending_reward = pools.reward.submit("score_parts", reward_args)
+    pending_reward = pools.reward.submit("score_parts", reward_args, resend=True)
     timing = {"reward_s": time.perf_counter() - t0}  # local pools: already done
     ref_tables, ref_counts = [], []
     if with_reference:
         t_ref = time.perf_counter()
         ref_args = [(sel, *tables) for tables, sel in _slices(gen, pools.reference.size)]
-        outs = pools.reference.submit("logprobs_counted", ref_args, num_returns=2)
+        outs = pools.reference.submit("logprobs_counted", ref_args, num_returns=2, resend=True)
         ref_tables, ref_counts = [o[0] for o in outs], [o[1] for o in outs]
         timing["reference_s"] = time.perf_counter() - t_ref
     remote = {"reward_s": pending_reward if pools.reward.remote else [],
@@ -174,6 +178,7 @@ def score(pools: Pools, gen: Generation, with_reference: bool = True) -> Scored:
     # The row counts, not the tables: a failed or late reference actor is reported here, in the
     # pool's words, while its tables stay in the object store for the learners.
     ref_sizes = pools.reference.get(ref_counts, "logprobs", submitted) if with_reference else []
+    ref_tables = [pools.reference.current(t) for t in ref_tables]
     if with_reference and sum(ref_sizes) != gen.rows:
         raise batch.BatchError(f"ref_logprobs: expected {gen.rows} rows, got {sum(ref_sizes)}")
     if len(rewards) != gen.rows:
@@ -208,6 +213,10 @@ def sync_weights(pools: Pools, version: int) -> dict[str, Any]:
     the object store, after which the route is opened (again) for the next sync."""
     route = pools.route
     settle_loads(pools)
+    # Rollout actors placed since the last sync join here, so that they start from these weights
+    # (the route, opened for the actors before, is not open for the new set: this sync takes the
+    # object store and opens the route again).
+    pools.rollout.admit()
     if route is not None:
         _drain(pools)
     stats = route.sync(pools.learner, pools.rollout, version) if route is not None else None

@@ -52,7 +52,7 @@ def rebuild_learner_group(cfg: Config, policy_path: str):
     import logging
 
     from actors.pool import PoolTimeout
-    from rlsr_ray.config import learner_sizes
+    from rlsr_ray.pool_sizes import learner_sizes
     from rlsr_ray.plan import step_plan
 
     sizes = learner_sizes(cfg)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from actors.pool import ActorFailure, PoolTimeout
 from rlsr_ray import checkpoint, data
 from rlsr_ray.config import Config
+from rlsr_ray.driver.elastic import draining_nodes, membership_metrics
 from rlsr_ray.driver.step import Pools, rlsr_step, sync_weights
 from rlsr_ray.driver.pipeline import settle_loads
 from rlsr_ray.driver.schedule import Schedule
@@ -132,12 +133,24 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
                file=sys.stderr)
     step, rebuilds = resume.step, 0
     saving = {"checkpoint_s": 0.0, "checkpoints": 0}
+    drained: set[str] = set()  # draining nodes already acted on
+    watch = any(p.remote for p in pools.all())
     try:
         while step < cfg.run.steps:
+            draining = {n: d for n, d in draining_nodes().items() if n not in drained} if watch else {}
+            if draining:
+                drained |= set(draining)
+                moved = leave_draining_nodes(cfg, pools, out, train_tok, policy_path, rebuild_learners, step,
+                                             schedule, draining)
+                if moved is not None:
+                    writer.close()
+                    step, schedule, plan = moved
+                    writer = MetricsWriter(out)
             try:
                 row = rlsr_step(cfg, pools, plan, schedule.take(step), step, schedule.refills(step))
                 row["prompts_truncated"], row["prompts_dropped"] = train_tok.truncated, train_tok.dropped
                 row["learners"] = plan.learner_world_size
+                row.update(membership_metrics(pools, step + 1))
                 # The row goes first: a checkpoint on disk never runs ahead of metrics.jsonl.
                 writer.write(row)
                 rows.append(row)
@@ -170,6 +183,28 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
         writer.close()
         bar.close()
     return rows, saving
+
+
+def leave_draining_nodes(cfg: Config, pools: Pools, out: Path, train_tok, policy_path: str,
+                         rebuild: Callable[[], tuple[Any, StepPlan]], step: int, schedule: Schedule,
+                         draining: dict[str, float]) -> tuple[int, Schedule, StepPlan] | None:
+    """Before their nodes go: elastic pools take their actors there out, and a learner group with a
+    rank there writes a checkpoint of the steps done and is rebuilt elsewhere from it, so the loss
+    costs no step done again. Returns recover_learners' (step, schedule, plan) if the learners moved."""
+    nodes = set(draining)
+    left = {n: round(d - time.time(), 1) for n, d in draining.items()}
+    log.warning("node(s) draining, seconds to their deadline: %s", left)
+    for pool in (pools.rollout, pools.reward, pools.reference):
+        pool.retire(nodes)
+    if not nodes & set(pools.learner.nodes()):
+        return None
+    if step > 0 and checkpoint.latest(out, at_most=step) != checkpoint.step_dir(out, step):
+        t0 = time.perf_counter()
+        save_checkpoint(pools, out, step, schedule, policy_path, cfg.run.keep_checkpoints)
+        log.warning("step %d: checkpoint written in %.1fs ahead of a learner node's drain", step,
+                    time.perf_counter() - t0)
+    return recover_learners(cfg, pools, out, train_tok, policy_path, rebuild, step,
+                            "a learner's node is draining")
 
 
 def recover_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_path: str,

@@ -47,7 +47,7 @@ class WeightRoute:
             raise RuntimeError(f"pool rollout: actors hold weights in different dtypes {sorted(dtypes)}")
         settings = RouteSettings(1 + rollout.size, self.backend, dtypes.pop(), self.bucket_bytes, self.timeout_s)
         opening = learner.submit("open_weight_route", [(address, settings)] * learner.size)
-        rollout.call("join_weight_route", [(address, settings, specs)] * rollout.size)
+        rollout.call("join_weight_route", [(address, settings, specs, 1 + i) for i in range(rollout.size)])
         learner.get(opening, "open_weight_route")
         self.opened_for = (learner, tuple(rollout.actors))
         log.info("weight route open: learner rank 0 -> %d rollout actor(s) over %s, %s, buckets of %.0f MB",

@@ -76,7 +76,8 @@ class ServicePool:
         self.role, self.handle, self.call_timeout_s = "reward", handle, call_timeout_s
         self.owned, self.app_name, self.request_rows = owned, app_name, request_rows
 
-    def submit(self, method: str, per_actor_args: list[tuple]) -> list:
+    def submit(self, method: str, per_actor_args: list[tuple], resend: bool = True) -> list:
+        """resend: Serve routes each request to a live replica (and retries one that died) itself."""
         if method not in ("score", "score_parts") or len(per_actor_args) != 1:
             raise ValueError(f"reward service: no {method} for {len(per_actor_args)} shard(s)")
         args = per_actor_args[0]
@@ -117,6 +118,13 @@ class ServicePool:
 
     def call(self, method: str, per_actor_args: list[tuple]) -> list:
         return self.get(self.submit(method, per_actor_args), method)
+
+    # The pool interface for membership: Serve places and replaces replicas itself.
+    def admit(self) -> int:
+        return 0
+
+    def take_events(self) -> list:
+        return []
 
     def shutdown(self) -> None:
         """Delete the app only if this run deployed it; a shared one stays for its other users."""

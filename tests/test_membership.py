@@ -1,0 +1,96 @@
+"""An elastic pool on a real Ray: an actor killed during a call has the call sent to another, the
+pool goes on smaller, a replacement joins when placed, and fewer than min_actors is an error."""
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+class Worker:
+    """Stands in for a rollout/reward/reference actor: the pool's mechanics do not depend on the role."""
+
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+
+    def work(self, x: int, hold_s: float) -> int:
+        time.sleep(hold_s)
+        return 2 * x
+
+    def pair(self, x: int, hold_s: float) -> tuple[int, int]:
+        time.sleep(hold_s)
+        return x, x + 1
+
+
+@pytest.fixture(scope="module")
+def pool(local_ray):
+    from ray import cloudpickle
+
+    from actors.pool import Pool
+    from rlsr_ray.config import PoolConfig
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
+    p = Pool("reward", Worker, PoolConfig(num_actors=2, min_actors=1, max_actors=2, num_cpus=0.25), {},
+             placement_timeout_s=60, call_timeout_s=60)
+    yield p
+    p.shutdown()
+
+
+def _rejoin(pool, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while pool.admit() == 0:
+        assert time.monotonic() < deadline, "the replacement never joined"
+        time.sleep(0.2)
+
+
+def test_a_lost_actors_call_goes_to_another_actor_and_a_replacement_joins(pool, local_ray):
+    ray = local_ray
+    assert pool.size == 2
+    refs = pool.submit("work", [(1, 3.0), (2, 0.0)], resend=True)
+    lost = pool.actors[0]
+    ray.kill(lost, no_restart=True)
+    assert pool.get(refs, "work") == [2, 4]  # rank 0's share, done by the other actor
+    assert pool.size == 1 and lost not in pool.actors
+    (event,) = pool.take_events()
+    assert (event.kind, event.rank, event.actors, event.resent) == ("lost", 0, 1, 1)
+    _rejoin(pool)
+    (event,) = pool.take_events()
+    assert (event.kind, event.rank, event.actors) == ("joined", 2, 2)
+    assert pool.get(pool.submit("work", [(5, 0.0), (6, 0.0)]), "work") == [10, 12]
+
+
+def test_a_resent_calls_other_results_are_found_by_current(pool, local_ray):
+    ray = local_ray
+    outs = pool.submit("pair", [(10, 3.0), (20, 0.0)], num_returns=2, resend=True)
+    ray.kill(pool.actors[0], no_restart=True)
+    assert pool.get([o[1] for o in outs], "pair") == [11, 21]
+    firsts = [pool.current(o[0]) for o in outs]
+    assert firsts[0] is not outs[0][0] and firsts[1] is outs[1][0]
+    assert ray.get(firsts) == [10, 20]
+    pool.take_events()
+    _rejoin(pool)
+    pool.take_events()
+
+
+def test_a_call_not_to_be_sent_again_leaves_the_lost_actors_value_out(pool, local_ray):
+    ray = local_ray
+    refs = pool.submit("work", [(1, 3.0), (2, 0.0)])
+    ray.kill(pool.actors[0], no_restart=True)
+    assert pool.get(refs, "work") == [4]
+    pool.take_events()
+    _rejoin(pool)
+    pool.take_events()
+
+
+def test_fewer_than_min_actors_is_an_error_naming_the_bound(pool, local_ray):
+    from actors.pool import ActorFailure
+
+    ray = local_ray
+    refs = pool.submit("work", [(1, 3.0), (2, 3.0)], resend=True)
+    for a in list(pool.actors):
+        ray.kill(a, no_restart=True)
+    with pytest.raises(ActorFailure, match=r"pool reward: 0 actor\(s\) left, fewer than pools.reward.min_actors=1"):
+        pool.get(refs, "work")
