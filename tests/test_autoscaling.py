@@ -19,14 +19,14 @@ WORKER_TYPES = {
     "gpu_a100": {"resources": {"CPU": 3, "GPU": 2, "accelerator_type:A100": 1}, "node_config": {},
                  "min_workers": 0, "max_workers": 2},
     "reward_cpu": {"resources": {"CPU": 2, "reward_node": 10}, "node_config": {}, "min_workers": 0,
-                   "max_workers": 1},
+                   "max_workers": 2},
 }
 
 
 def _fake_cluster_config() -> dict:
     """A cluster-launcher config for Ray's fake_multinode provider: nodes are local raylets."""
     return {
-        "cluster_name": "rlsr-fake", "max_workers": 3, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+        "cluster_name": "rlsr-fake", "max_workers": 4, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True},
         "auth": {}, "docker": {}, "head_node_type": "ray.head.default",
@@ -67,7 +67,9 @@ def test_pools_wait_for_autoscaler_and_run_finishes(fake_cluster, tmp_path):
             "--pools.learner.num_gpus=1", "--pools.learner.accelerator_type=A100", "--pools.learner.device=cpu",
             "--pools.reference.num_gpus=1", "--pools.reference.device=cpu",
             "--pools.rollout.num_gpus=1", "--pools.rollout.device=cpu",
-            "--pools.reward.resources={reward_node: 1}"]
+            # An elastic reward pool of 1 to 2 actors, one per reward node: its second actor needs a
+            # node of its own, asked for while the run goes on.
+            "--pools.reward.resources={reward_node: 6}", "--pools.reward.max_actors=2"]
     proc = subprocess.run([sys.executable, "-m", "rlsr_ray.run", *args], capture_output=True, text=True,
                           timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -79,6 +81,26 @@ def test_pools_wait_for_autoscaler_and_run_finishes(fake_cluster, tmp_path):
     assert gpu_nodes and reward_nodes, [n["Resources"] for n in alive]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+    # The elastic pool grew onto the node added for it, and its request is withdrawn after the run.
+    assert "asked the autoscaler for room for 5 actors" in proc.stderr
+    assert len(reward_nodes) == 2 and rows[-1]["actors_reward"] == 2, ([n["Resources"] for n in alive], rows)
+    assert not _capacity_request(ray)
+
+
+def _capacity_request(ray) -> list:
+    """What request_resources asked of the autoscaler and still holds (empty: nothing)."""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    if is_autoscaler_v2():
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        return list(status.resource_demands.cluster_constraint_demand)
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
 
 
 def test_missing_resources_fail_with_a_message_naming_them(tmp_path):

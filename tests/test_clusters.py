@@ -50,6 +50,30 @@ def test_gpu_preset_fits_its_cluster(preset, cluster):
         assert fits, f"{preset}: pools.{role} asks {need}, no node type of {cluster} carries it"
 
 
+@pytest.mark.parametrize("preset, cluster", sorted(PRESET_CLUSTER.items()))
+def test_every_pool_at_its_max_actors_fits_the_cluster_at_its_max_workers(preset, cluster):
+    """The elastic pools' bounds and the cluster's node counts agree: what the run asks the
+    autoscaler for (every pool at max_actors) is there when every node type is at max_workers,
+    packing each pool's actors onto the node types that carry them, pool by pool."""
+    from rlsr_ray.pool_sizes import bounds
+
+    cfg = load_config(preset)
+    spec = yaml.safe_load((CLUSTERS / cluster).read_text())
+    free = [dict(n.get("resources", {})) for n in spec["available_node_types"].values()
+            for _ in range(n.get("max_workers", 0))]
+    for role in ("learner", "rollout", "reference", "reward"):  # the largest first
+        p = getattr(cfg.pools, role)
+        need = bundle(p)
+        for _ in range(p.num_actors if role == "learner" else bounds(p)[1]):
+            node = next((n for n in free if all(n.get(k, 0) >= v - 1e-9 for k, v in need.items())), None)
+            assert node is not None, f"{preset}: pools.{role} at its largest does not fit {cluster} at max_workers"
+            for k, v in need.items():
+                if not k.startswith("accelerator_type:"):  # a label, not a count
+                    node[k] -= v
+    assert any(bounds(getattr(cfg.pools, r)) != (getattr(cfg.pools, r).num_actors,) * 2
+               for r in ("rollout", "reward", "reference")), f"{preset}: no elastic pool"
+
+
 @pytest.mark.parametrize("path", sorted(CLUSTERS.glob("*.yaml")), ids=lambda p: p.name)
 def test_ssh_is_the_only_inbound_rule_and_not_open_to_the_world(path):
     provider = yaml.safe_load(path.read_text())["provider"]

@@ -43,3 +43,35 @@ def draining_nodes() -> dict[str, float]:
         log.debug("could not read draining nodes: %s", e)
         return {}
     return {node: (ms / 1000.0 if ms else math.inf) for node, ms in raw.items()}
+
+
+def request_capacity(cfg) -> bool:
+    """With an elastic pool, ask the autoscaler for every pool at its largest at once (the
+    placement groups waiting for room ask one by one, at the autoscaler's upscaling speed); the
+    request holds until release_capacity(). Returns whether it asked."""
+    from rlsr_ray.plan import ROLES, bundle
+    from rlsr_ray.pool_sizes import bounds, elastic
+
+    if not any(elastic(getattr(cfg.pools, r)) for r in ROLES if r != "learner"):
+        return False
+    shapes = []
+    for role in ROLES:
+        p = getattr(cfg.pools, role)
+        if p.num_actors == 0 or (role == "reward" and cfg.reward_service.enabled):
+            continue
+        shapes += [bundle(p)] * (p.num_actors if role == "learner" else bounds(p)[1])
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=shapes)
+    log.info("asked the autoscaler for room for %d actors (every pool at its max_actors)", len(shapes))
+    return True
+
+
+def release_capacity() -> None:
+    """Withdraw request_capacity's request, so an autoscaling cluster can shrink after the run."""
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=[])
+    except Exception as e:  # noqa: BLE001 - the cluster may be gone already; nothing is held then
+        log.debug("could not withdraw the capacity request: %s", e)

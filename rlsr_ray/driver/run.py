@@ -18,6 +18,7 @@ import yaml
 
 from actors.pool import WORKER_ENV
 from rlsr_ray.config import Config, ConfigError, load_config, preset_names
+from rlsr_ray.driver.elastic import release_capacity, request_capacity
 from rlsr_ray.driver.pools import build_pools, rebuild_learner_group
 from rlsr_ray.driver.ray_session import connect_ray
 
@@ -71,8 +72,9 @@ def run(cfg: Config) -> dict[str, Any]:
     remote = cfg.reward_service.enabled or any(
         getattr(cfg.pools, r).num_actors > 0 for r in ("rollout", "reward", "reference", "learner"))
     started = connect_ray(cfg) if remote else False
-    pools = None
+    pools, asked = None, False
     try:
+        asked = remote and request_capacity(cfg)
         pools, plan = build_pools(cfg, policy_path, reward_terms)
         t_restore = time.perf_counter()
         resume = trainer.restore(cfg, pools, out, found)
@@ -96,6 +98,8 @@ def run(cfg: Config) -> dict[str, Any]:
     finally:
         for p in pools.all() if pools else []:
             p.shutdown()
+        if asked:
+            release_capacity()
         if started:
             import ray
 

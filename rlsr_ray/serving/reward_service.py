@@ -126,6 +126,9 @@ class ServicePool:
     def take_events(self) -> list:
         return []
 
+    def retire(self, nodes: set) -> int:
+        return 0  # Serve moves replicas off draining nodes itself
+
     def shutdown(self) -> None:
         """Delete the app only if this run deployed it; a shared one stays for its other users."""
         if self.owned:
