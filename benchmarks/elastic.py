@@ -11,8 +11,8 @@ preset and steps:
   step `--rollout-returns`, and a learner node removed after step `--learner-leaves` (ZeRO-2, 2
   learners -> 1, from the newest checkpoint, `run.save_every`). Per event: seconds lost (a lost
   rollout actor's calls: how long they had run, `seconds_lost`; a learner loss: the wall time from
-  the failed step's start to training going on, plus the steps done again), and samples/s
-  before, during (one rollout actor) and after.
+  the node's removal to training going on, plus the steps done again, and how long the driver
+  took to notice), and samples/s before, during (one rollout actor) and after.
 - restart: what the alternative costs: the quiet run's job started again with
   `--run.resume=auto` (a new driver process, pools, checkpoint restore) up to its first step.
 
@@ -56,7 +56,10 @@ class Runner:
                "--pools.rollout.num_actors=2", "--pools.rollout.min_actors=1", "--pools.rollout.max_actors=2",
                "--pools.rollout.resources={rollout_slot: 1}", "--pools.learner.num_actors=2",
                "--pools.learner.min_actors=1", "--pools.learner.max_restarts=1", "--pools.learner.shrink_after_s=5",
-               "--pools.learner.resources={learner_slot: 1}", *extra]
+               "--pools.learner.resources={learner_slot: 1}",
+               # A core per actor: placed by their slots, one torch thread each (no oversubscription).
+               "--pools.rollout.num_cpus=0", "--pools.rollout.torch_threads=1", "--pools.learner.num_cpus=0",
+               "--pools.learner.torch_threads=1", *extra]
         log = out.parent / f"{out.name}.log"
         out.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
@@ -84,16 +87,16 @@ def _stamp(line: str) -> float:
     return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-def learner_event_s(text: str, step_s: float) -> tuple[float, int]:
-    """(wall seconds from the failed step's start to training going on, steps done again) from the
+def learner_event_s(text: str, step_s: float, removed_at: float) -> tuple[float, float, int]:
+    """(seconds lost: from the node's removal to training going on, plus the steps done again;
+    seconds from the removal until the driver noticed; how many steps were done again) from the
     driver's log: the step that noticed the loss, and the checkpoint step it restored."""
     failed = re.search(r"^(\S+ \S+) rlsr_ray WARNING step (\d+): pool learner.*rebuilding", text, re.M)
     goes_on = re.search(r"^(\S+ \S+) rlsr_ray WARNING learners restored to step (\d+)", text, re.M)
     if not failed or not goes_on:
         raise SystemExit("no learner recovery in the log")
     redo = int(failed.group(2)) - 1 - int(goes_on.group(2))  # complete steps after the checkpoint
-    # The failed step had run about a step's time before the loss was noticed.
-    return _stamp(goes_on.group(0)) - _stamp(failed.group(0)) + step_s, redo
+    return _stamp(goes_on.group(0)) - removed_at + redo * step_s, _stamp(failed.group(0)) - removed_at, redo
 
 
 def cost_table(quiet_rate: float, step_s: float, elastic_lost: dict[str, float],
@@ -170,22 +173,25 @@ def main() -> int:
             runner.wait_step(proc, el_out, args.rollout_returns, log)
             add["rollout"]()
             runner.wait_step(proc, el_out, args.learner_leaves, log)
+            removed_at = time.time()
             c.remove_node(nodes["learner"][1], allow_graceful=False)
             runner.finish(proc, log)
             rows = _rows(el_out / "metrics.jsonl")
             text = log.read_text()
             one = [r for r in rows if r["actors_rollout"] == 1]
             before = [r for r in rows[1:] if r["step"] <= args.rollout_leaves]
-            after = [r for r in rows if r["step"] > args.rollout_returns and r["actors_rollout"] == 2
-                     and r["learners"] == 2 and r["membership_events"] == 0]
-            learner_s, redo = learner_event_s(text, step_s)
+            back = next(r["step"] for r in rows if r["step"] > args.rollout_leaves and r["actors_rollout"] == 2)
+            after = [r for r in rows if r["step"] > back and r["step"] <= args.learner_leaves
+                     and r["membership_events"] == 0]
+            learner_s, noticed_s, redo = learner_event_s(text, step_s, removed_at)
             rollout_lost = sum(r["seconds_lost"] for r in rows if r["actors_rollout"] == 1 or r["membership_events"])
             report["elastic"] = {
                 "samples_per_s_before": _rate(before), "samples_per_s_one_rollout_actor": _rate(one),
                 "samples_per_s_after_return": _rate(after),
                 "samples_per_s_one_learner": _rate([r for r in rows if r["learners"] == 1]),
                 "rollout_loss_s": rollout_lost, "rollout_calls_resent": sum(r["calls_resent"] for r in rows),
-                "learner_loss_s": learner_s, "learner_steps_redone": redo,
+                "learner_loss_s": learner_s, "learner_loss_noticed_after_s": noticed_s,
+                "learner_steps_redone": redo,
                 "actors_rollout": [r["actors_rollout"] for r in rows], "learners": [r["learners"] for r in rows],
                 "samples": sum(r["samples"] for r in rows), "samples_expected": sum(r["samples"] for r in quiet),
             }

@@ -19,13 +19,15 @@ def elastic(pool: PoolConfig) -> bool:
 
 
 def learner_sizes(cfg: Config) -> list[int]:
-    """The learner group sizes a run may train at, largest first: num_actors, then the sizes down
-    to pools.learner.min_actors over which a mini-batch splits evenly (8 learners, 2048 sequences
-    a mini-batch, min_actors 4: [8, 4]; a pool in the driver is one learner)."""
+    """The learner group sizes a run may train at, largest first: from pools.learner.max_actors
+    (growth is opt-in; default num_actors) down to min_actors, those over which a mini-batch splits
+    evenly, num_actors always (8 learners, 2048 sequences a mini-batch, min_actors 4: [8, 4]; a
+    pool in the driver is one learner)."""
     p = cfg.pools.learner
-    top = max(1, p.num_actors)
+    start = max(1, p.num_actors)
+    top = max(start, p.max_actors or start)
     rows_mb = cfg.train.mini_batch_prompts * cfg.rollout.samples_per_prompt
-    return [top] + [w for w in range(top - 1, (p.min_actors or top) - 1, -1) if rows_mb % w == 0]
+    return [w for w in range(top, (p.min_actors or start) - 1, -1) if w == start or rows_mb % w == 0]
 
 
 def validate_sizes(cfg: Config, need) -> None:
@@ -48,8 +50,13 @@ def validate_sizes(cfg: Config, need) -> None:
     need(p.min_actors is None or 1 <= p.min_actors <= max(1, p.num_actors), "pools.learner.min_actors",
          f"must be in [1, pools.learner.num_actors={p.num_actors}]", p.min_actors)
     need(p.shrink_after_s > 0, "pools.learner.shrink_after_s", "must be > 0", p.shrink_after_s)
-    need(p.max_actors is None or p.max_actors == max(1, p.num_actors), "pools.learner.max_actors",
-         "a learner group does not grow while a run goes on; set num_actors to the size to start at", p.max_actors)
-    need(p.min_actors is None or len(learner_sizes(cfg)) > 1 or p.min_actors == max(1, p.num_actors),
+    need(p.max_actors is None or (p.num_actors > 0 and p.max_actors >= p.num_actors), "pools.learner.max_actors",
+         f"must be >= pools.learner.num_actors={p.num_actors} (learners in Ray actors)", p.max_actors)
+    sizes = learner_sizes(cfg)
+    start = max(1, p.num_actors)
+    need(p.min_actors is None or p.min_actors == start or min(sizes) < start,
          "pools.learner.min_actors", "no smaller learner group splits a mini-batch (train.mini_batch_prompts x "
          "rollout.samples_per_prompt sequences) evenly", p.min_actors)
+    need(p.max_actors is None or p.max_actors == start or max(sizes) > start,
+         "pools.learner.max_actors", "no larger learner group splits a mini-batch (train.mini_batch_prompts x "
+         "rollout.samples_per_prompt sequences) evenly", p.max_actors)

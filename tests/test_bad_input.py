@@ -44,7 +44,10 @@ CONFIG_CASES = [
      "pools.reward.max_actors: 1 is out of range; must be >= pools.reward.num_actors=2"),
     (["--pools.reference.num_actors=0", "--pools.reference.max_actors=2"],
      "pools.reference.num_actors: 0 is out of range; a pool with min_actors/max_actors runs in Ray actors"),
-    (["--pools.learner.max_actors=2"], "pools.learner.max_actors: 2 is out of range; a learner group does not grow"),
+    (["--pools.learner.num_actors=2", "--pools.learner.max_actors=1"],
+     "pools.learner.max_actors: 1 is out of range; must be >= pools.learner.num_actors=2"),
+    (["--pools.learner.num_actors=2", "--pools.learner.max_actors=3"],
+     "pools.learner.max_actors: 3 is out of range; no larger learner group splits a mini-batch"),
     (["--pools.learner.num_actors=3", "--pools.learner.min_actors=2", "--rollout.samples_per_prompt=3",
       "--train.mini_batch_prompts=1", "--train.prompts_per_step=2"], "no smaller learner group splits a mini-batch"),
 ]

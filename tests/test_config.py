@@ -94,3 +94,6 @@ def test_a_learner_group_shrinks_only_to_sizes_that_split_a_mini_batch():
     assert learner_sizes(load_config("gpu_hetero")) == [4, 2, 1]
     assert learner_sizes(load_config("tiny")) == [1]
     assert learner_sizes(load_config("tiny", ["--pools.learner.num_actors=2", "--pools.learner.min_actors=1"])) == [2, 1]
+    # Growth (max_actors) is opt-in: 4 sequences a mini-batch split over 4, 2 or 1 learners, not 3.
+    assert learner_sizes(load_config("tiny", ["--pools.learner.num_actors=2", "--pools.learner.max_actors=4",
+                                              "--pools.learner.min_actors=1"])) == [4, 2, 1]

@@ -44,13 +44,18 @@ def cluster():
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = keep
 
 
-def test_a_learner_node_leaves_and_the_run_goes_on_with_fewer_learners(cluster, tmp_path):
+def test_a_learner_node_leaves_the_run_goes_on_with_fewer_learners_and_grows_back(cluster, tmp_path):
+    """Two ZeRO-2 learners, one node each: one node is removed, the group goes on with one learner
+    from the newest checkpoint; a node is added back, and at the next checkpoint the group grows
+    to two again from that checkpoint (pools.learner.max_actors opts in), re-partitioning the
+    optimizer state 2 -> 1 -> 2."""
     c, nodes = cluster
     out = tmp_path / "run"
     log = tmp_path / "driver.log"
-    args = ["tiny", f"--ray.address={c.address}", "--run.steps=3", "--run.save_every=1", "--run.progress=false",
+    args = ["tiny", f"--ray.address={c.address}", "--run.steps=4", "--run.save_every=1", "--run.progress=false",
             "--run.eval_before_after=false", f"--run.output_dir={out}", "--train.zero_stage=2",
-            "--pools.learner.num_actors=2", "--pools.learner.min_actors=1", "--pools.learner.max_restarts=1",
+            "--pools.learner.num_actors=2", "--pools.learner.min_actors=1", "--pools.learner.max_actors=2",
+            "--pools.learner.max_restarts=1",
             "--pools.learner.shrink_after_s=5", "--pools.learner.resources={learner_slot: 1}",
             "--pools.learner.num_cpus=1"]
     proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *args], stdout=open(log, "w"),
@@ -62,19 +67,34 @@ def test_a_learner_node_leaves_and_the_run_goes_on_with_fewer_learners(cluster, 
             time.sleep(0.2)
         assert marker.exists(), log.read_text()[-3000:]
         c.remove_node(nodes[1], allow_graceful=False)  # one learner rank, and its node, gone
+        while not any(r["learners"] == 1 for r in _rows(out / "metrics.jsonl")):  # a step on one learner
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGSTOP)  # held while a node comes back, so the run cannot end first
+        try:
+            nodes[1] = c.add_node(num_cpus=1, resources={"learner_slot": 1}, node_ip_address="127.0.0.1")
+            c.wait_for_nodes()
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
         assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()
     text = log.read_text()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3], text[-3000:]  # every step once
-    # Two learners up to the step the loss was noticed at (the node may outlive a step), one after.
+    assert [r["step"] for r in rows] == [1, 2, 3, 4], text[-3000:]  # every step once
+    # Two learners up to the step the loss was noticed at, one until the checkpoint after the node
+    # came back (the driver may have passed one more checkpoint before it was held), two after.
     sizes = [r["learners"] for r in rows]
-    assert sizes[0] == 2 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True), sizes
+    assert sizes[0] == 2 and sizes[-1] == 2 and [(a, b) for a, b in zip(sizes, sizes[1:]) if a != b] == \
+        [(2, 1), (1, 2)], sizes
     assert "learner group of 2 not placed" in text and "learner group rebuilt with 1 learner(s)" in text
-    state = json.loads((out / "checkpoints" / "step_3" / "trainer_state.json").read_text())
-    assert state["optimizer"] == {"zero_stage": 2, "shards": 1}  # two ranks' state, one rank on
+    # Grown at a checkpoint, from that very checkpoint: nothing done again.
+    grown = re.search(r"step (\d+): room for 1 more learner\(s\) at a checkpoint", text)
+    assert grown and f"learners restored to step {grown.group(1)} from" in text.split(grown.group(0))[1], text[-3000:]
+    assert sizes.index(2, 1) == int(grown.group(1))  # the first step after that checkpoint, on two
+    state = json.loads((out / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["optimizer"] == {"zero_stage": 2, "shards": 2}  # one rank's state, loaded on two
 
 
 def _rows(path) -> list[dict]:
@@ -173,3 +193,4 @@ def test_a_rollout_node_leaves_another_joins_and_a_draining_learner_node_costs_n
     assert learners[0] == 2 and learners[-1] == 1, learners
     state = json.loads((out / "checkpoints" / f"step_{steps}" / "trainer_state.json").read_text())
     assert state["optimizer"] == {"zero_stage": 2, "shards": 1}
+

@@ -8,6 +8,7 @@ tolerance is explained in test_actors.UPDATE_RTOL).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -90,6 +91,12 @@ def test_weight_route_gives_every_rollout_actor_the_learner_weights_bit_for_bit(
             learners.call("train_step", [([shard], [norm]) for shard in batch.split(train, 2)])
             if version == 2:  # SIGKILL-like: Ray restarts the actor, which holds initial weights again
                 local_ray.kill(rollouts.actors[1], no_restart=False)
+                # Until the restart is through: a call can still reach the dying process, and a
+                # death during the broadcast itself is found only by weight_sync_timeout_s.
+                deadline = time.monotonic() + 60
+                while local_ray.get(rollouts.actors[1].in_weight_route.remote()):
+                    assert time.monotonic() < deadline, "the killed rollout actor was not restarted"
+                    time.sleep(0.1)
             stats = sync_weights(pools, version)
             paths.append(stats["weight_sync_path"])
             want = learners.call("export_weights", [()] * 2)[0]

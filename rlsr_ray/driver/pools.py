@@ -45,17 +45,17 @@ def learner_pool(cfg: Config, policy_path: str, learners: int | None = None,
         ray_restarts=False, **timeouts)
 
 
-def rebuild_learner_group(cfg: Config, policy_path: str):
-    """(a set-up learner group, its step plan) at the largest size in config.learner_sizes the
-    cluster places: each size but the smallest gets pools.learner.shrink_after_s to be placed, the
-    smallest ray.placement_timeout_s, as a first build does."""
+def rebuild_learner_group(cfg: Config, policy_path: str, at_most: int | None = None):
+    """(a set-up learner group, its step plan) at the largest size in pool_sizes.learner_sizes (up
+    to at_most) the cluster places: each size but the smallest gets pools.learner.shrink_after_s
+    to be placed, the smallest ray.placement_timeout_s, as a first build does."""
     import logging
 
     from actors.pool import PoolTimeout
     from rlsr_ray.pool_sizes import learner_sizes
     from rlsr_ray.plan import step_plan
 
-    sizes = learner_sizes(cfg)
+    sizes = [s for s in learner_sizes(cfg) if at_most is None or s <= at_most]
     for size, smaller in zip(sizes, sizes[1:] + [None]):
         try:
             learner = learner_pool(cfg, policy_path, size,
@@ -69,6 +69,26 @@ def rebuild_learner_group(cfg: Config, policy_path: str):
         learner.get(start_setup(learner), "setup")
         return learner, step_plan(cfg, size)
     raise AssertionError("learner_sizes is never empty")
+
+
+def room_for_learners(cfg: Config, extra: int, wait_s: float = 1.0) -> bool:
+    """Whether the cluster places `extra` more learner bundles now: a placement group of them that
+    is placed within wait_s (and removed at once). A quick look at the free resources first spares
+    the wait where they plainly do not fit."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from rlsr_ray.plan import bundle
+
+    want = bundle(cfg.pools.learner)
+    free = ray.available_resources()
+    if any(free.get(k, 0.0) < v * extra - 1e-9 for k, v in want.items() if not k.startswith("accelerator_type:")):
+        return False
+    pg = placement_group([want] * extra, strategy="PACK", name="rlsr-learner-room")
+    try:
+        return bool(ray.wait([pg.ready()], timeout=wait_s)[0])
+    finally:
+        remove_placement_group(pg)
 
 
 def start_setup(learner):

@@ -86,7 +86,7 @@ def run(cfg: Config) -> dict[str, Any]:
         before = trainer.baseline_eval(pools, heldout, cfg.run.eval_max_new_tokens, out) \
             if heldout is not None else None
         rows, saving = trainer.train_loop(cfg, pools, plan, train_tok, out, resume, policy_path,
-                                          lambda: rebuild_learner_group(cfg, policy_path))
+                                          lambda at_most=None: rebuild_learner_group(cfg, policy_path, at_most))
         summary.update(trainer.throughput(rows), **saving,
                        final_checkpoint=str(checkpoint.step_dir(out, cfg.run.steps)))
         if before is not None:

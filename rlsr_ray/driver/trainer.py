@@ -120,7 +120,7 @@ def save_checkpoint(pools: Pools, out: Path, step: int, schedule: Schedule, poli
 
 
 def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, resume: Resume,
-               policy_path: str, rebuild_learners: Callable[[], tuple[Any, StepPlan]]
+               policy_path: str, rebuild_learners: Callable[..., tuple[Any, StepPlan]]
                ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Steps from resume.step to run.steps; returns their metrics rows and checkpoint timings."""
     from tqdm import tqdm
@@ -146,6 +146,12 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
                     writer.close()
                     step, schedule, plan = moved
                     writer = MetricsWriter(out)
+            grown = grow_learners(cfg, pools, out, train_tok, policy_path, rebuild_learners, step, plan) \
+                if watch else None
+            if grown is not None:
+                writer.close()
+                step, schedule, plan = grown
+                writer = MetricsWriter(out)
             try:
                 row = rlsr_step(cfg, pools, plan, schedule.take(step), step, schedule.refills(step))
                 row["prompts_truncated"], row["prompts_dropped"] = train_tok.truncated, train_tok.dropped
@@ -205,6 +211,27 @@ def leave_draining_nodes(cfg: Config, pools: Pools, out: Path, train_tok, policy
                     time.perf_counter() - t0)
     return recover_learners(cfg, pools, out, train_tok, policy_path, rebuild, step,
                             "a learner's node is draining")
+
+
+def grow_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_path: str,
+                  rebuild: Callable[..., tuple[Any, StepPlan]], step: int,
+                  plan: StepPlan) -> tuple[int, Schedule, StepPlan] | None:
+    """At a checkpoint boundary (the newest checkpoint is of the steps done), a learner group
+    below pools.learner.max_actors (set: growth is opt-in) is rebuilt larger where the cluster has
+    room now, from that checkpoint: nothing is done again. Returns recover_learners' result."""
+    from rlsr_ray.driver.pools import room_for_learners
+    from rlsr_ray.pool_sizes import learner_sizes
+
+    now = plan.learner_world_size
+    if cfg.pools.learner.max_actors is None or step == 0 or now >= max(learner_sizes(cfg)):
+        return None
+    if checkpoint.latest(out, at_most=step) != checkpoint.step_dir(out, step):
+        return None
+    size = next((s for s in learner_sizes(cfg) if s > now and room_for_learners(cfg, s - now)), None)
+    if size is None:
+        return None
+    return recover_learners(cfg, pools, out, train_tok, policy_path, lambda: rebuild(at_most=size), step,
+                            f"room for {size - now} more learner(s) at a checkpoint")
 
 
 def recover_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_path: str,
