@@ -34,6 +34,22 @@ class ActorFailure(RuntimeError):
         self.role = role
 
 
+class InputLost(ActorFailure):
+    """A call's input was lost: an object another actor made, on a node that is gone since. The
+    caller makes it again (a generation) or, for learners, goes back to a checkpoint."""
+
+
+def _lost_object(error: BaseException):
+    """The ObjectLostError behind a failed call, if that is why it failed (Ray raises it as it is,
+    or wrapped in the task's error when the actor could not fetch an argument)."""
+    import ray
+
+    for e in (error, getattr(error, "cause", None)):
+        if isinstance(e, ray.exceptions.ObjectLostError):
+            return e
+    return None
+
+
 def _resolved(args: tuple) -> tuple:
     """What Ray does for a remote call's top-level ObjectRef arguments, for a pool in the driver:
     tables another (remote) pool left in the object store are fetched here."""
@@ -195,6 +211,15 @@ class Pool:
             try:
                 values[rank] = ray.get(ready[0])  # kept: rollout tables are not fetched twice
                 self._done(ready[0])
+            except (ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError) as e:
+                if _lost_object(e) is None:
+                    if isinstance(e, ray.exceptions.RayTaskError):
+                        self._task_error(results, ready[0], what, e)
+                    raise
+                self._settle(pending)
+                first = str(_lost_object(e)).strip().splitlines()[0]
+                raise InputLost(self.role, f"pool {self.role}: an input of actor rank {rank}'s {what} was lost with "
+                                           f"its node: {first}") from e
             except ray.exceptions.RayActorError as e:
                 if self.members is None or ready[0] not in self._calls:
                     self._settle(pending)
@@ -206,14 +231,14 @@ class Pool:
                     index[again] = rank
                     pending.append(again)
                     deadline = max(deadline, time.monotonic() + self.call_timeout_s)
-            except ray.exceptions.RayTaskError as e:
-                # A collective torn by a peer's death reaches the survivors as a task error, often
-                # before the death itself is reported: that death is the failure, if there is one.
-                dead = self._dead_peer(results, ready[0])
-                if dead is None:
-                    raise
-                raise self._failure(dead[0], what, dead[1]) from e
         return [v for v in values if v is not _DROPPED]
+
+    def _task_error(self, results: list[Any], failed: Any, what: str, error: BaseException) -> None:
+        """A collective torn by a peer's death reaches the survivors as a task error, often before
+        the death itself is reported: that death is the failure, if there is one (raised here)."""
+        dead = self._dead_peer(results, failed)
+        if dead is not None:
+            raise self._failure(dead[0], what, dead[1]) from error
 
     def _done(self, ref: Any) -> None:
         call = self._calls.get(ref)

@@ -194,3 +194,58 @@ def test_a_rollout_node_leaves_another_joins_and_a_draining_learner_node_costs_n
     state = json.loads((out / "checkpoints" / f"step_{steps}" / "trainer_state.json").read_text())
     assert state["optimizer"] == {"zero_stage": 2, "shards": 1}
 
+
+
+class _Maker:
+    """Makes an object big enough for the object store of its node (not inlined in the caller)."""
+
+    def __init__(self, rank: int = 0):
+        pass
+
+    def make(self, n: int):
+        import numpy as np
+
+        return np.ones(n, np.float32)
+
+
+class _Reader:
+    def __init__(self, rank: int = 0):
+        pass
+
+    def read(self, array) -> float:
+        return float(array.sum())
+
+
+def test_an_input_lost_with_its_node_is_reported_as_such(cluster):
+    """A table made on a node that is gone before another actor reads it: the reading call fails
+    with InputLost naming the pool, rank and call (a step then generates those rollouts again;
+    learners go back to a checkpoint), not with an error taken for the reader's own failure."""
+    import ray
+    from ray import cloudpickle
+
+    from actors.pool import InputLost, Pool
+    from rlsr_ray.config import PoolConfig
+    from rlsr_ray.driver.ray_session import single_node_mode
+
+    c, _ = cluster
+    maker_node = c.add_node(num_cpus=1, resources={"maker_slot": 1}, node_ip_address="127.0.0.1")
+    c.wait_for_nodes()
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
+    single_node_mode()  # this process imported ray before the cluster's loopback setting: apply it
+    ray.init(address=c.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        maker = Pool("rollout", _Maker, PoolConfig(num_actors=1, num_cpus=0, resources={"maker_slot": 1}), {},
+                     placement_timeout_s=60, call_timeout_s=60)
+        reader = Pool("reward", _Reader, PoolConfig(num_actors=1, num_cpus=0.5), {}, placement_timeout_s=60,
+                      call_timeout_s=60)
+        (table,) = maker.submit("make", [(1 << 20,)])  # 4 MB: kept in the maker node's object store
+        ray.wait([table], fetch_local=False)
+        assert reader.call("read", [(table,)]) == [float(1 << 20)]  # read while its node is up
+        (table,) = maker.submit("make", [(1 << 20,)])
+        ray.wait([table], fetch_local=False)
+        c.remove_node(maker_node, allow_graceful=False)
+        with pytest.raises(InputLost, match=r"pool reward: an input of actor rank 0's read was lost with its node"):
+            reader.call("read", [(table,)])
+        reader.shutdown()
+    finally:
+        ray.shutdown()

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
+from actors.pool import InputLost
 from actors.sampling import SamplingSpec
 from rlsr_ray import batch
 from rlsr_ray.config import Config
@@ -70,6 +71,21 @@ def _kept_groups(cfg: Config, rewards: pa.Table) -> np.ndarray:
     return informative_groups(rewards.column("reward").to_numpy(), gids, a.group_spread_rtol)
 
 
+def _scored(pools: Pools, gen: Generation, attempts: int = 3) -> tuple[Generation, Scored]:
+    """The generation finished and scored. Rollout tables lost with a node before they were read
+    (a node gone after generating) are generated again from the same prompts and seeds."""
+    for attempt in range(attempts):
+        gen = finish_generation(pools, gen)
+        try:
+            return gen, score(pools, gen)
+        except InputLost as e:
+            if attempt == attempts - 1:
+                raise
+            log.warning("%s; generating those rollouts again", e)
+            gen = start_generation(pools, gen.prompts, gen.spec, gen.step)
+    raise AssertionError("unreachable")
+
+
 def collect(cfg: Config, pools: Pools, gen: Generation, step: int,
             draw: Callable[[int, int], pa.Table]) -> tuple[Rounds, str | None]:
     """Generate (refilling dropped groups) and score; returns the rounds and, if the step must be
@@ -77,8 +93,7 @@ def collect(cfg: Config, pools: Pools, gen: Generation, step: int,
     n, want = cfg.rollout.samples_per_prompt, cfg.train.prompts_per_step
     gens, scored, kept, offset, dropped, refill = [], [], [], 0, 0, 0
     while True:
-        gen = finish_generation(pools, gen)
-        s = score(pools, gen)
+        gen, s = _scored(pools, gen)
         gens.append(gen)
         scored.append(s)
         reason = nonfinite_reason(s.rewards)
