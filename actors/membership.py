@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from rlsr_ray.cli import first_line
+
 log = logging.getLogger("rlsr_ray")
 
 
@@ -91,8 +93,7 @@ class Membership:
         rank = self.ranks.pop(actor)
         ray.kill(actor, no_restart=True)  # where it is only unreachable, it must not come back
         remove_placement_group(self.pgs.pop(actor))
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        event = PoolEvent(self.role, kind, rank, time.monotonic(), len(self.actors), detail=first[:200])
+        event = PoolEvent(self.role, kind, rank, time.monotonic(), len(self.actors), detail=first_line(error)[:200])
         self.events.append(event)
         log.warning("pool %s: actor %d %s (%s); %d actor(s) go on", self.role, rank, kind, event.detail,
                     len(self.actors))
@@ -118,7 +119,7 @@ class Membership:
                 ray.get(j.ready)
             except ray.exceptions.RayError as e:
                 log.warning("pool %s: actor %d failed to start (%s); asking for another", self.role, j.rank,
-                            str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
+                            first_line(e)[:200])
                 ray.kill(j.actor, no_restart=True)
                 remove_placement_group(j.pg)
                 continue

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.membership import Membership, PoolEvent
+from rlsr_ray.cli import first_line
 from rlsr_ray.config import PoolConfig
 from rlsr_ray.plan import bundle, bundles
 from rlsr_ray.pool_sizes import bounds, elastic
@@ -217,9 +218,8 @@ class Pool:
                         self._task_error(results, ready[0], what, e)
                     raise
                 self._settle(pending)
-                first = str(_lost_object(e)).strip().splitlines()[0]
                 raise InputLost(self.role, f"pool {self.role}: an input of actor rank {rank}'s {what} was lost with "
-                                           f"its node: {first}") from e
+                                           f"its node: {first_line(_lost_object(e))}") from e
             except ray.exceptions.RayActorError as e:
                 if self.members is None or ready[0] not in self._calls:
                     self._settle(pending)
@@ -328,7 +328,7 @@ class Pool:
                 pass
 
     def _failure(self, rank: int, what: str, error: BaseException) -> ActorFailure:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         return ActorFailure(self.role, f"pool {self.role}: actor rank {rank} died during {what}: {first}")
 
     def _dead_peer(self, results: list[Any], failed: Any, grace_s: float = 30.0):

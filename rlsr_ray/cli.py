@@ -24,6 +24,12 @@ def error_line(e: BaseException) -> str:
     return str(cause if isinstance(cause, BaseException) else e)
 
 
+def first_line(e: BaseException) -> str:
+    """An error's first line for a log or a message (its type's name when it has no text)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def command(argv: list[str] | None, usage: str, work: Callable[[list[str]], dict[str, Any]],
             user_errors: tuple[type[BaseException], ...], timeouts: tuple[type[BaseException], ...] = ()) -> int:
     """Run work(arguments); a user error (bad config, data, model, ...) is one line and exit 2, a

@@ -101,6 +101,7 @@ class ServicePool:
         from ray.serve.exceptions import RayServeException
 
         from actors.pool import ActorFailure, PoolTimeout
+        from rlsr_ray.cli import first_line
 
         start = time.monotonic() if submitted_at is None else submitted_at
         values = []
@@ -112,7 +113,7 @@ class ServicePool:
                 raise PoolTimeout(f"reward service {self.app_name!r}: no answer to {what} within "
                                   f"{self.call_timeout_s:.0f}s (ray.call_timeout_s)") from None
             except RayServeException as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 raise ActorFailure("reward", f"reward service {self.app_name!r}: {what} failed: {first}") from e
         return values
 
