@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from actors import placement_watch
 from rlsr_ray.cli import first_line
 
 log = logging.getLogger("rlsr_ray")
@@ -60,6 +61,7 @@ class Membership:
 
         rank, self._next_rank = self._next_rank, self._next_rank + 1
         pg = placement_group([self.bundle], name=f"rlsr-{self.role}-{rank}")
+        placement_watch.watch(pg, f"pool {self.role}: actor {rank}")
         actor = self.make(pg, rank)
         j = _Joining(actor, pg, actor.__ray_ready__.remote(), rank, time.monotonic())
         self.joining.append(j)

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from actors import placement_watch
 from actors.membership import Membership, PoolEvent
 from rlsr_ray.cli import first_line
 from rlsr_ray.config import PoolConfig
@@ -125,6 +126,8 @@ class Pool:
         self.pg = placement_group(bundles(cfg), strategy="PACK", name=f"rlsr-{role}")
         self._wait_placement([self.pg], placement_timeout_s)
         restarts = cfg.max_restarts if ray_restarts else 0
+        if not ray_restarts:
+            placement_watch.watch(self.pg, f"pool {role}")  # rebuilt by the driver, never restarted in place
         self.actors = [remote_cls.options(**options(self.pg, rank, restarts)).remote(**kwargs, rank=rank)
                        for rank in range(cfg.num_actors)]
 
@@ -203,7 +206,7 @@ class Pool:
         index = {ref: i for i, ref in enumerate(results)}
         pending = list(results)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            ready, pending = placement_watch.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 ranks = sorted(index[r] for r in pending)
                 raise PoolTimeout(f"pool {self.role}: actor rank(s) {ranks} did not finish {what} within "

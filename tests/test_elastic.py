@@ -215,6 +215,10 @@ class _Reader:
     def read(self, array) -> float:
         return float(array.sum())
 
+    def work(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
 
 def test_an_input_lost_with_its_node_is_reported_as_such(cluster):
     """A table made on a node that is gone before another actor reads it: the reading call fails
@@ -249,3 +253,42 @@ def test_an_input_lost_with_its_node_is_reported_as_such(cluster):
         reader.shutdown()
     finally:
         ray.shutdown()
+
+
+def test_a_learner_group_that_lost_a_node_is_given_back_while_the_driver_waits_on_another_pool(cluster):
+    """Ray's GCS retries a group that lost a bundle with nowhere to go in a loop without backoff
+    (the GCS and the head's metrics agent a core each: a 2-core machine's generation 10x slower).
+    A learner group (rebuilt by the driver, never restarted in place) that lost a node is removed
+    while the driver waits on another pool's call, not when the driver next calls the learners."""
+    import ray
+    from ray import cloudpickle
+    from ray.util.placement_group import placement_group_table
+
+    from actors.pool import ActorFailure, Pool
+    from rlsr_ray.config import PoolConfig
+    from rlsr_ray.driver.ray_session import single_node_mode
+
+    c, nodes = cluster
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    single_node_mode()
+    ray.init(address=c.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        group = Pool("learner", _Reader, PoolConfig(num_actors=2, num_cpus=0, resources={"learner_slot": 1}), {},
+                     placement_timeout_s=60, call_timeout_s=60, ray_restarts=False)
+        other = Pool("reward", _Reader, PoolConfig(num_actors=1, num_cpus=0.5), {}, placement_timeout_s=60,
+                     call_timeout_s=60)
+        assert group.call("work", [(0.0,), (0.0,)]) == [0.0, 0.0]
+        c.remove_node(nodes[1], allow_graceful=False)
+        deadline = time.monotonic() + 30
+        while placement_group_table(group.pg)["state"] != "RESCHEDULING":  # Ray noticed the death
+            assert time.monotonic() < deadline, placement_group_table(group.pg)
+            time.sleep(0.1)
+        assert other.call("work", [(8.0,)]) == [8.0]  # the driver waits on another pool meanwhile
+        assert placement_group_table(group.pg)["state"] == "REMOVED"
+        with pytest.raises(ActorFailure, match=r"pool learner: actor rank [01] died during work"):
+            group.call("work", [(0.0,), (0.0,)])  # the usual recovery path from here (both ranks ended)
+        group.shutdown()  # removing a removed group is harmless
+        other.shutdown()
+    finally:
+        ray.shutdown()
+        nodes[1] = c.add_node(num_cpus=1, resources={"learner_slot": 1}, node_ip_address="127.0.0.1")

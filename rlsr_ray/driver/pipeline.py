@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from actors import placement_watch
 from actors.pool import Pool
 from actors.sampling import SamplingSpec
 from rlsr_ray import batch
@@ -191,14 +192,12 @@ def _ready_after(pending: dict[str, list[Any]], t0: float, timeout_s: float) -> 
     ready: Pool.get reports it). Stops at the timeout and leaves that to Pool.get to report."""
     if not any(pending.values()):
         return {}
-    import ray
-
     owner = {ref: name for name, refs in pending.items() for ref in refs}
     left = {name: len(refs) for name, refs in pending.items() if refs}
     out: dict[str, float] = {}
     deadline = time.monotonic() + timeout_s
     while owner:
-        ready, _ = ray.wait(list(owner), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        ready, _ = placement_watch.wait(list(owner), timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
             break
         name = owner.pop(ready[0])
@@ -235,10 +234,8 @@ def _drain(pools: Pools) -> None:
     and a wait inside the collective would count against rollout.weight_sync_timeout_s."""
     if not pools.in_flight:
         return
-    import ray
-
-    ray.wait(pools.in_flight, num_returns=len(pools.in_flight), timeout=pools.rollout.call_timeout_s,
-             fetch_local=False)
+    placement_watch.wait(pools.in_flight, num_returns=len(pools.in_flight), timeout=pools.rollout.call_timeout_s,
+                         fetch_local=False)
     pools.in_flight.clear()  # failures are reported by finish_generation, which reads them
 
 
