@@ -72,14 +72,13 @@ MODES = {"on_policy": [], "async": ["--algo.max_staleness=1"]}
 def test_actors_killed_mid_run_are_restarted_and_the_run_finishes(tmp_path, mode):
     args = [*ARGS, *MODES[mode]]
     straight = tmp_path / "straight"
-    if mode == "on_policy":
-        done = subprocess.run([sys.executable, "-m", "rlsr_ray.run", *args, f"--run.output_dir={straight}"],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "chaos"
     log = tmp_path / "driver.log"
     killed = []
-    with _running(args, out, log) as proc:
+    # The uninterrupted run alongside, in a session (and local Ray) of its own: the victims are
+    # looked up in the chaos run's session only.
+    with _running(args, straight, tmp_path / "straight.log") if mode == "on_policy" else \
+            contextlib.nullcontext() as reference, _running(args, out, log) as proc:
         for after_step, victims in VICTIMS:
             _wait_steps(proc, out, log, after_step)
             for victim in victims:
@@ -88,6 +87,8 @@ def test_actors_killed_mid_run_are_restarted_and_the_run_finishes(tmp_path, mode
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(victim)
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+        if reference is not None:
+            assert reference.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     text = log.read_text()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))  # every step exactly once

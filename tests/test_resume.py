@@ -39,25 +39,31 @@ def _rows(out: Path) -> list[dict]:
 
 
 def test_killed_driver_resumes_exactly(tmp_path):
-    extra = LAYOUT
+    extra = [*LAYOUT, "--ray.address=local"]  # each run its own Ray: the two below run side by side
     straight = tmp_path / "straight"
     # The uninterrupted run, asked to resume where there is nothing to resume: it starts fresh.
-    done = _run(straight, *extra, "--run.resume=auto")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "no complete checkpoint" in done.stderr
+    reference = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *ARGS, f"--run.output_dir={straight}",
+                                  *extra, "--run.resume=auto"], env=ENV, stdout=subprocess.DEVNULL,
+                                 stderr=open(tmp_path / "straight.log", "w"), start_new_session=True)
 
     killed = tmp_path / "killed"
     # Own session: SIGKILL reaches the driver and the Ray processes it started, as when a node dies.
     proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *ARGS, *extra, f"--run.output_dir={killed}"],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = killed / "checkpoints" / "step_2" / "trainer_state.json"
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the run never reached its second checkpoint"
-    assert not (killed / "checkpoints" / "step_4").exists()
+    try:
+        marker = killed / "checkpoints" / "step_2" / "trainer_state.json"
+        deadline = time.monotonic() + 300
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert marker.exists(), "the run never reached its second checkpoint"
+        assert not (killed / "checkpoints" / "step_4").exists()
+        assert reference.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    finally:
+        if reference.poll() is None:
+            os.killpg(reference.pid, signal.SIGKILL)
+    assert "no complete checkpoint" in (tmp_path / "straight.log").read_text()
 
     resumed = _run(killed, *extra, "--run.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

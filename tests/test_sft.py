@@ -130,8 +130,19 @@ def test_sft_on_two_workers_survives_a_killed_worker_resumes_exactly_and_writes_
     from rlsr_ray.models import resolve_policy
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    out = _sft(whole, "--sft.steps=10")
-    text = out.stdout + out.stderr
+    # The ten steps in one go alongside the interrupted run, in a session (and local Ray) of its
+    # own: the killed worker is looked up in the other run's session only.
+    whole_log = tmp_path / "whole.log"
+    one_go = subprocess.Popen([sys.executable, "-m", "rlsr_ray.sft", *SFT_ARGS, f"--run.output_dir={whole}",
+                               "--sft.steps=10"], stdout=open(whole_log, "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        log, listeners = _sft_with_a_worker_killed(parts, tmp_path / "killed.log", "--sft.steps=8")
+        assert one_go.wait(timeout=600) == 0, whole_log.read_text()[-3000:]
+    finally:
+        if one_go.poll() is None:
+            os.killpg(one_go.pid, signal.SIGKILL)
+    text = whole_log.read_text()
     # Progress: one line per step, once each; no Ray Train helper noise on the Ray started here.
     assert [int(m) for m in re.findall(r"sft step (\d+)/10: loss", text)] == list(range(1, 11)), text[-3000:]
     assert "State API may be temporarily unavailable" not in text, text[-3000:]
@@ -141,7 +152,6 @@ def test_sft_on_two_workers_survives_a_killed_worker_resumes_exactly_and_writes_
     moved = max(float((tuned[k] - base[k]).abs().max()) for k in base)
     assert moved > 1e-4, moved
 
-    log, listeners = _sft_with_a_worker_killed(parts, tmp_path / "killed.log", "--sft.steps=8")
     assert re.search(r"resumed from step [1-7]\b", log), log[-3000:]
     # The local Ray this command started (after importing Ray Train) listens on loopback only.
     assert len(listeners) >= 5, listeners
