@@ -53,11 +53,10 @@ def wait(refs: list[Any], num_returns: int = 1, timeout: float | None = None, **
         poll()
 
 
-def poll(force: bool = False) -> int:
-    """Remove the watched groups that lost a node; at most once per POLL_S unless forced. Returns
-    how many were removed."""
+def poll() -> int:
+    """Remove the watched groups that lost a node; at most once per POLL_S. Returns how many."""
     global _last
-    if not _watched or (not force and time.monotonic() - _last < POLL_S):
+    if not _watched or time.monotonic() - _last < POLL_S:
         return 0
     _last = time.monotonic()
     from ray.util.placement_group import placement_group_table, remove_placement_group
