@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+from processes import constructed
 
 pytestmark = pytest.mark.slow
 
@@ -63,26 +66,46 @@ def test_pools_wait_for_autoscaler_and_run_finishes(fake_cluster, tmp_path):
     ray = fake_cluster
     assert len([n for n in ray.nodes() if n["Alive"]]) == 1  # head only
     out = tmp_path / "run"
-    args = ["tiny", f"--run.output_dir={out}", "--run.steps=2", "--ray.placement_timeout_s=300",
+    args = ["tiny", f"--run.output_dir={out}", "--run.steps=3", "--ray.placement_timeout_s=300",
             "--pools.learner.num_gpus=1", "--pools.learner.accelerator_type=A100", "--pools.learner.device=cpu",
             "--pools.reference.num_gpus=1", "--pools.reference.device=cpu",
             "--pools.rollout.num_gpus=1", "--pools.rollout.device=cpu",
             # An elastic reward pool of 1 to 2 actors, one per reward node: its second actor needs a
             # node of its own, asked for while the run goes on.
             "--pools.reward.resources={reward_node: 6}", "--pools.reward.max_actors=2"]
-    proc = subprocess.run([sys.executable, "-m", "rlsr_ray.run", *args], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "joined the running Ray cluster" in proc.stderr
-    assert "waiting" in proc.stderr and "for 1 x {'CPU': 1.0, 'GPU': 1.0" in proc.stderr
+    log = tmp_path / "driver.log"
+    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *args], stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        # After step 1 the driver is held until the second reward actor is up on a node of its own
+        # (a tiny step takes about a second: the run could otherwise end before the node is added).
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 180
+            while constructed("RewardActor") < 2:
+                assert time.monotonic() < deadline, "the second reward actor never started"
+                time.sleep(0.2)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = log.read_text()
+    assert "joined the running Ray cluster" in stderr
+    assert "waiting" in stderr and "for 1 x {'CPU': 1.0, 'GPU': 1.0" in stderr
     alive = [n for n in ray.nodes() if n["Alive"]]
     gpu_nodes = [n for n in alive if n["Resources"].get("GPU", 0) > 0]
     reward_nodes = [n for n in alive if n["Resources"].get("reward_node", 0) > 0]
     assert gpu_nodes and reward_nodes, [n["Resources"] for n in alive]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     # The elastic pool grew onto the node added for it, and its request is withdrawn after the run.
-    assert "asked the autoscaler for room for 5 actors" in proc.stderr
+    assert "asked the autoscaler for room for 5 actors" in stderr
     assert len(reward_nodes) == 2 and rows[-1]["actors_reward"] == 2, ([n["Resources"] for n in alive], rows)
     assert not _capacity_request(ray)
 

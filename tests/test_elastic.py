@@ -18,6 +18,7 @@ import sys
 import time
 
 import pytest
+from processes import constructed, titles
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +107,7 @@ def _hold(classes: tuple[str, ...], proc: subprocess.Popen, timeout_s: float = 1
     deadline = time.monotonic() + timeout_s
     while len(held) < len(classes):
         assert proc.poll() is None and time.monotonic() < deadline, f"only {sorted(held)} seen"
-        for pid, title in _titles():
+        for pid, title in titles():
             cls = title.removeprefix("ray::").split(".")[0]
             if cls in classes and cls not in held:
                 os.kill(pid, signal.SIGSTOP)
@@ -121,7 +122,7 @@ def _wait_generated(proc: subprocess.Popen, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         assert proc.poll() is None and time.monotonic() < deadline, "no generation finished"
-        rollout = [t for _, t in _titles() if t.startswith("ray::RolloutActor")]
+        rollout = [t for _, t in titles() if t.startswith("ray::RolloutActor")]
         if any(".generate" in t for t in rollout):
             seen, idle_since = True, None
         elif seen and rollout == ["ray::RolloutActor"] * 2:
@@ -131,23 +132,11 @@ def _wait_generated(proc: subprocess.Popen, timeout_s: float = 120) -> None:
         time.sleep(0.05)
 
 
-def _titles() -> list[tuple[int, str]]:
-    lines = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
-    return [(int(p), t.strip()) for p, t in (x.strip().split(None, 1) for x in lines.splitlines() if " " in x.strip())]
-
-
 def _rows(path) -> list[dict]:
     try:
         return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     except FileNotFoundError:
         return []
-
-
-def _actor_processes(cls: str) -> int:
-    """Processes of constructed actors of this class: Ray titles one `ray::<Class>` once __init__
-    has returned (`ray::<Class>.__init__` while it runs, `ray::<Class>.<method>` in a call)."""
-    titles = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout.splitlines()
-    return sum(1 for t in titles if t.startswith(f"ray::{cls}") and not t.startswith(f"ray::{cls}.__init__"))
 
 
 def test_a_rollout_node_leaves_another_joins_and_a_draining_learner_node_costs_no_step(cluster, tmp_path):
@@ -201,7 +190,7 @@ def test_a_rollout_node_leaves_another_joins_and_a_draining_learner_node_costs_n
         try:
             c.add_node(**rollout_slot)
             deadline = time.monotonic() + 120
-            while _actor_processes("RolloutActor") < 2:
+            while constructed("RolloutActor") < 2:
                 assert time.monotonic() < deadline, "the replacement rollout actor never started"
                 time.sleep(0.2)
             subprocess.run(["ray", "drain-node", f"--address={c.address}", f"--node-id={doomed.node_id}",
