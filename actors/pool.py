@@ -216,13 +216,14 @@ class Pool:
                 values[rank] = ray.get(ready[0])  # kept: rollout tables are not fetched twice
                 self._done(ready[0])
             except (ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError) as e:
-                if _lost_object(e) is None:
+                lost = _lost_object(e)
+                if lost is None:
                     if isinstance(e, ray.exceptions.RayTaskError):
                         self._task_error(results, ready[0], what, e)
                     raise
                 self._settle(pending)
                 raise InputLost(self.role, f"pool {self.role}: an input of actor rank {rank}'s {what} was lost with "
-                                           f"its node: {first_line(_lost_object(e))}") from e
+                                           f"its node: {first_line(lost)}") from e
             except ray.exceptions.RayActorError as e:
                 if self.members is None or ready[0] not in self._calls:
                     self._settle(pending)

@@ -2,7 +2,11 @@
 __init__ has returned (`ray::<Class>.__init__` while it runs, `ray::<Class>.<method>` in a call)."""
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import time
 
 
 def titles() -> list[tuple[int, str]]:
@@ -14,3 +18,22 @@ def titles() -> list[tuple[int, str]]:
 def constructed(cls: str) -> int:
     """How many actors of this class have been constructed and are alive."""
     return sum(1 for _, t in titles() if t.startswith(f"ray::{cls}") and not t.startswith(f"ray::{cls}.__init__"))
+
+
+def wait_constructed(cls: str, n: int, timeout_s: float, what: str) -> None:
+    """Until n actors of this class are constructed; `what` is the failure's message."""
+    deadline = time.monotonic() + timeout_s
+    while constructed(cls) < n:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def held(pid: int):
+    """The process stopped (SIGSTOP) for the block and continued after it, whatever happens: a
+    driver held so that its run cannot end before the cluster has changed."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)

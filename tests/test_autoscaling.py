@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from processes import constructed
+from processes import held, wait_constructed
 
 pytestmark = pytest.mark.slow
 
@@ -83,14 +82,8 @@ def test_pools_wait_for_autoscaler_and_run_finishes(fake_cluster, tmp_path):
             time.sleep(0.1)
         # After step 1 the driver is held until the second reward actor is up on a node of its own
         # (a tiny step takes about a second: the run could otherwise end before the node is added).
-        os.kill(proc.pid, signal.SIGSTOP)
-        try:
-            deadline = time.monotonic() + 180
-            while constructed("RewardActor") < 2:
-                assert time.monotonic() < deadline, "the second reward actor never started"
-                time.sleep(0.2)
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
+        with held(proc.pid):
+            wait_constructed("RewardActor", 2, 180, "the second reward actor never started")
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:

@@ -18,7 +18,7 @@ import sys
 import time
 
 import pytest
-from processes import constructed, titles
+from processes import held, titles, wait_constructed
 
 pytestmark = pytest.mark.slow
 
@@ -74,12 +74,9 @@ def test_a_learner_node_leaves_the_run_goes_on_with_fewer_learners_and_grows_bac
         while not any(r["learners"] == 1 for r in _rows(out / "metrics.jsonl")):  # a step on one learner
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGSTOP)  # held while a node comes back, so the run cannot end first
-        try:
+        with held(proc.pid):  # while a node comes back, so the run cannot end first
             nodes[1] = c.add_node(num_cpus=1, resources={"learner_slot": 1}, node_ip_address="127.0.0.1")
             c.wait_for_nodes()
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
         assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
@@ -186,18 +183,12 @@ def test_a_rollout_node_leaves_another_joins_and_a_draining_learner_node_costs_n
         wait_for("a step with one rollout actor", lambda rows, _: any(r["actors_rollout"] == 1 for r in rows))
         # The driver is held while room comes back, the replacement (asked for when the actor was
         # lost) is placed and constructed, and the drain notice is given: the run cannot end first.
-        os.kill(proc.pid, signal.SIGSTOP)
-        try:
+        with held(proc.pid):
             c.add_node(**rollout_slot)
-            deadline = time.monotonic() + 120
-            while constructed("RolloutActor") < 2:
-                assert time.monotonic() < deadline, "the replacement rollout actor never started"
-                time.sleep(0.2)
+            wait_constructed("RolloutActor", 2, 120, "the replacement rollout actor never started")
             subprocess.run(["ray", "drain-node", f"--address={c.address}", f"--node-id={doomed.node_id}",
                             "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot instance reclaimed",
                             "--deadline-remaining-seconds=120"], check=True, capture_output=True, timeout=60)
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
         wait_for("the checkpoint ahead of the drain", lambda _, text: "ahead of a learner node's drain" in text)
         c.remove_node(doomed, allow_graceful=False)  # the deadline: the node goes
         assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
