@@ -61,6 +61,26 @@ def cuda_index(device: str) -> int:
     return (d.index or 0) if d.type == "cuda" else 0
 
 
+def precision_config(cuda: bool, zero_stage: int, compute_dtype: str) -> dict:
+    """DeepSpeed's precision sections for a learner.
+
+    bf16 on CUDA under ZeRO >= 1: DeepSpeed's bf16 mode (bf16 weights, float32 masters in the ZeRO
+    optimizer; check_grad_overflow: a non-finite gradient norm skips the update). Without ZeRO,
+    DeepSpeed has no float32-master bf16 optimizer: its bf16 mode falls back to the fp16 one
+    (FP16_UnfusedOptimizer: bf16 weights, bf16 gradients summed over micro-batches), and on an H200
+    that path skipped 2 of 4 SFT steps of a 135M policy on a non-finite gradient. So under ZeRO-0 the
+    weights stay float32 and DeepSpeed's own torch autocast computes in bf16 (its engine switches off
+    a CUDA autocast opened outside it); no module is marked lower-precision, so gradients are summed
+    and reduced in float32. On CPU weights stay float32 and the caller's autocast applies (DeepSpeed
+    looks at CUDA's autocast only)."""
+    bf16 = cuda and compute_dtype == "bfloat16"
+    return {
+        "bf16": {"enabled": bf16 and zero_stage > 0, "check_grad_overflow": True},
+        "torch_autocast": {"enabled": bf16 and zero_stage == 0, "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -123,9 +143,8 @@ class LearnerActor:
             "gradient_clipping": s.grad_clip,
             "zero_optimization": {"stage": s.zero_stage},
             "zero_allow_untested_optimizer": True,
-            # check_grad_overflow: under ZeRO >= 1 a non-finite gradient norm skips the update.
-            "bf16": {"enabled": cuda and s.compute_dtype == "bfloat16", "check_grad_overflow": True},
             "steps_per_print": 10**9,
+            **precision_config(cuda, s.zero_stage, s.compute_dtype),
         }
         if s.optimizer == "sgd":
             optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)

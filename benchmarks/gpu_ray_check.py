@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_ray_check.py --out gpu_ray_check_out                 # one GPU
     python benchmarks/gpu_ray_check.py --device cpu --smoke --out /tmp/dry     # dry run, no GPU
+    python benchmarks/gpu_ray_check.py --tiny DIR --out gpu_ray_check_out      # tiny policy given
 
 Every pool is a Ray actor holding a share of the one GPU (rollout on the transformers backend,
 reward, reference, learner with DeepSpeed ZeRO-2 bf16 on NCCL), and weights go learner ->
@@ -77,6 +78,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_ray_check_out"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny policy and sizes (a CPU dry run of the script)")
+    ap.add_argument("--tiny", help="the tiny policy's folder (default: built under --out from the SmolLM2 GGUF "
+                    "package); without --smoke only its tokenizer is read, so tokenizer files and config.json do")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out).resolve()
@@ -86,7 +89,7 @@ def main() -> int:
     from rlsr_ray.models import TINY, resolve_policy
     from rlsr_ray.policy import load_tokenizer
 
-    tiny = resolve_policy(TINY, str(out / "cache"))
+    tiny = args.tiny or resolve_policy(TINY, str(out / "cache"))
     policy = tiny if args.smoke else smollm2_shaped(load_tokenizer(tiny), out / "smollm2_shaped")
     reward = random_embedder(tiny, out / "embedder")
     gpu = args.device.startswith("cuda")

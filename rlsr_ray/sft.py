@@ -133,8 +133,7 @@ def _worker(job: dict[str, Any]) -> None:
         if writer is not None:
             writer.write(row)
             if job["progress"]:  # the driver's log shows it (log_to_driver), as rlsr_ray.run's bar does
-                print(f"sft step {step + 1}/{job['steps']}: loss {row['loss']:.4f} over {counted:.0f} answer tokens, "
-                      f"grad norm {row['grad_norm']:.3f}, {row['step_s']:.1f}s", flush=True)
+                print(progress_line(row, job["steps"], stats["skip_reasons"]), flush=True)
         last = step + 1 == job["steps"]
         if last or (job["save_every"] and (step + 1) % job["save_every"] == 0):
             staged = out / "sft_staging" / f"step_{step + 1}"  # every rank writes its optimizer shard here
@@ -160,6 +159,15 @@ def worker_device(device: str) -> str:
     import ray.train.torch
 
     return str(ray.train.torch.get_device())
+
+
+def progress_line(row: dict[str, Any], steps: int, skip_reasons: list[str]) -> str:
+    """One step's progress line. A skipped update has no gradient norm (its summed norm reads 0): the
+    line says why it was skipped instead."""
+    applied = (f"update skipped ({', '.join(sorted(set(skip_reasons)))})" if row["skipped"]
+               else f"grad norm {row['grad_norm']:.3f}")
+    return (f"sft step {row['step']}/{steps}: loss {row['loss']:.4f} over {row['tokens']:.0f} answer tokens, "
+            f"{applied}, {row['step_s']:.1f}s")
 
 
 def _summed(a: float, b: float, world: int, device: str) -> tuple[float, float]:

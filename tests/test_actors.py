@@ -353,6 +353,35 @@ def test_sft_scores_only_the_answer_and_lowers_its_nll(tiny_policy, tiny_tokeniz
     assert later[-1] < 0.9 * first["nll_sum"], (first["nll_sum"], later)
 
 
+def test_zero0_bf16_keeps_float32_weights_and_computes_in_bf16(tiny_policy, tiny_tokenizer, prompts, monkeypatch):
+    """Without ZeRO, DeepSpeed's bf16 mode wraps its fp16 optimizer over bf16 weights; a CUDA learner
+    under ZeRO-0 sends DeepSpeed's torch-autocast section over float32 weights instead. DeepSpeed's
+    CPU accelerator runs that section with CPU autocast, so the sections the CUDA learner sends are
+    checked here (the learner's own autocast off: compute_dtype float32): the optimizer is the plain
+    AdamW, weights stay float32 and move, the Linear layers compute in bf16, no step is skipped."""
+    import torch
+
+    import actors.learner as learner_module
+
+    cuda_zero0 = learner_module.precision_config(True, 0, "bfloat16")
+    assert learner_module.precision_config(True, 2, "bfloat16")["bf16"]["enabled"]  # ZeRO >= 1: bf16 mode
+    assert not any(sec["enabled"] for sec in learner_module.precision_config(False, 0, "bfloat16").values())
+    monkeypatch.setattr(learner_module, "precision_config", lambda *_: cuda_zero0)
+    lrn = learner(tiny_policy, settings(micro_batch_size=2, micro_steps=2, lr=1e-2))
+    assert type(lrn.engine.optimizer) is torch.optim.AdamW
+    linear = next(m for m in lrn.engine.module.modules() if isinstance(m, torch.nn.Linear))
+    seen = []
+    linear.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    before = {n: p.detach().clone() for n, p in lrn.engine.module.named_parameters()}
+    table = _sft_table(tiny_tokenizer, prompts)
+    stats = lrn.sft_step([table], [float(pc.sum(pc.list_value_length(table.column("response_ids"))).as_py())])
+    assert stats["skipped"] == 0 and np.isfinite(stats["grad_norm"])
+    assert seen and set(seen) == {torch.bfloat16}
+    params = dict(lrn.engine.module.named_parameters())
+    assert all(p.dtype == torch.float32 for p in params.values())
+    assert any(not torch.equal(before[n], p) for n, p in params.items())
+
+
 def test_a_sample_is_drawn_alike_in_any_batch(tiny_policy, prompts):
     """Sample k of group g comes from a random stream keyed by (step seed, g, k), so a prompt's
     samples are the same drawn with three other prompts in one batch or alone in chunks of two

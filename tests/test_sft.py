@@ -63,6 +63,16 @@ def test_each_worker_drives_the_gpu_ray_train_gave_it(monkeypatch):
     assert worker_device("cpu") == "cpu" and cuda_index("cpu") == 0 and cuda_index("cuda") == 0
 
 
+def test_a_skipped_update_is_reported_with_its_reason_not_a_zero_norm():
+    from rlsr_ray.sft import progress_line
+
+    row = {"step": 2, "loss": 10.27, "tokens": 215.0, "skipped": 0.0, "grad_norm": 5.8, "step_s": 3.0}
+    assert progress_line(row, 4, []) == "sft step 2/4: loss 10.2700 over 215 answer tokens, grad norm 5.800, 3.0s"
+    skipped = {**row, "skipped": 1.0, "grad_norm": 0.0}
+    line = progress_line(skipped, 4, ["non-finite gradient", "non-finite gradient"])
+    assert line == "sft step 2/4: loss 10.2700 over 215 answer tokens, update skipped (non-finite gradient), 3.0s"
+
+
 def test_a_final_policy_written_on_another_node_is_named_not_assumed(tmp_path):
     from rlsr_ray.sft import SftError, require_final
 
