@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.pool import ActorFailure, Pool
+from rlsr_ray.cli import first_line
 from rlsr_ray.weight_group import RouteSettings
 
 log = logging.getLogger("rlsr_ray")
@@ -29,6 +30,7 @@ class WeightRoute:
     bucket_bytes: int
     timeout_s: float
     opened_for: Any = None  # (learner pool, rollout actors) the open route connects
+    failed_for: Any = None  # the members an opening failed for: not tried again for the same ones
 
     def usable(self, learner: Pool, rollout: Pool) -> bool:
         """Both ends in Ray actors of their own (a pool in the driver takes the object store)."""
@@ -38,8 +40,13 @@ class WeightRoute:
         return self.opened_for == (learner, tuple(rollout.actors))
 
     def open(self, learner: Pool, rollout: Pool) -> None:
-        """Learner rank 0 and every rollout actor form the group (each drops any older one)."""
+        """Learner rank 0 and every rollout actor form the group (each drops any older one). If the
+        group cannot form, the weights go through the object store meanwhile; a failure with no
+        actor lost would recur, so it costs one wait, not one per step."""
         self.opened_for = None
+        members = (learner, tuple(rollout.actors))
+        if members == self.failed_for:
+            return
         address = learner.call("rendezvous", [()] * learner.size)[0]
         specs = learner.call("weight_specs", [()] * learner.size)[0]
         dtypes = set(rollout.call("weight_dtype", [()] * rollout.size))
@@ -47,9 +54,30 @@ class WeightRoute:
             raise RuntimeError(f"pool rollout: actors hold weights in different dtypes {sorted(dtypes)}")
         settings = RouteSettings(1 + rollout.size, self.backend, dtypes.pop(), self.bucket_bytes, self.timeout_s)
         opening = learner.submit("open_weight_route", [(address, settings)] * learner.size)
-        rollout.call("join_weight_route", [(address, settings, specs, 1 + i) for i in range(rollout.size)])
-        learner.get(opening, "open_weight_route")
-        self.opened_for = (learner, tuple(rollout.actors))
+        failure = None
+        try:
+            rollout.call("join_weight_route", [(address, settings, specs, 1 + i) for i in range(rollout.size)])
+        except Exception as e:  # noqa: BLE001 - a rollout actor died or timed out while the group formed
+            failure = e
+        try:  # rank 0 waits for the whole group: without one member it times out (timeout_s)
+            learner.get(opening, "open_weight_route")
+        except ActorFailure as e:
+            if e.role == learner.role:
+                raise  # a learner died: the caller rebuilds the group, whose sync opens the route
+            failure = failure or e
+        except Exception as e:  # noqa: BLE001
+            failure = failure or e
+        if failure is not None:
+            # An actor that died during the opening (an elastic pool's, with its node) leaves the
+            # others waiting for it: the group forms at the next sync without it (or with Ray's
+            # restart of it). A failure with every member alive would recur: not tried again for them.
+            died = isinstance(failure, ActorFailure) or tuple(rollout.actors) != members[1]
+            self.failed_for = None if died else members
+            log.warning("weight route not opened (%s): weights go through the object store; the route is opened "
+                        "again %s", first_line(failure), "at the next sync" if died else "when the pools' actors change")
+            self.close(learner, rollout)
+            return
+        self.opened_for = members
         log.info("weight route open: learner rank 0 -> %d rollout actor(s) over %s, %s, buckets of %.0f MB",
                  rollout.size, self.backend, settings.dtype, self.bucket_bytes / 1e6)
 
