@@ -13,7 +13,8 @@ random sentence-transformers model, both built here; the check measures the mach
 learning. Ray may be the pruned wheel of benchmarks/pruned_ray_wheel.py.
 
 Prints per-step samples/s, weight-sync seconds and MB, learner MFU and peak memory, and
-writes gpu_ray_check.json under --out.
+writes gpu_ray_check.json under --out. Then `rlsr_ray.sft` runs 4 steps through Ray Train on the
+same device (ZeRO-0, bf16 on CUDA), which must skip no step and lower the loss.
 """
 from __future__ import annotations
 
@@ -107,8 +108,34 @@ def main() -> int:
     (out / "gpu_ray_check.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     ok = all(r["weight_sync_path"] == "group" for r in rows) and all(r.get("skipped_minibatches", 0) == 0 for r in rows)
+    sft = sft_check(policy, out / "sft", gpu)
+    report["sft_zero0"] = sft
+    (out / "gpu_ray_check.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(sft, indent=2))
+    ok = ok and sft["ok"]
     print("GPU RAY CHECK", "PASSED" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def sft_check(policy: str, out: Path, gpu: bool) -> dict:
+    """`rlsr_ray.sft` through Ray Train on the same device: the tiny preset's SFT (ZeRO-0, lr 1e-3)
+    in bf16 on CUDA, the learner precision that once skipped half its steps there. Passes when
+    no step is skipped and the loss falls."""
+    cmd = [sys.executable, "-m", "rlsr_ray.sft", "tiny", f"--model.policy={policy}", f"--run.output_dir={out}",
+           "--ray.address=local", "--sft.steps=4", "--pools.learner.num_actors=1",
+           "--model.compute_dtype=" + ("bfloat16" if gpu else "float32")]
+    if gpu:
+        cmd += ["--pools.learner.device=cuda", "--pools.learner.num_gpus=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    (out.parent / "sft.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print(proc.stderr[-4000:])
+        return {"ok": False, "exit": proc.returncode}
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = sum(r["skipped"] > 0 for r in rows)
+    return {"ok": skipped == 0 and rows[-1]["loss"] < rows[0]["loss"], "steps": len(rows), "skipped_steps": skipped,
+            "loss": [r["loss"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows],
+            "step_s": [r["step_s"] for r in rows]}
 
 
 def summarise(rows: list[dict], policy: str, gpu: bool) -> dict:
