@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 
 
@@ -37,3 +38,16 @@ def held(pid: int):
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def in_own_session(args: list[str], log, env: dict | None = None):
+    """`python ARGS` in a process session of its own (a local Ray it starts included), stdout and
+    stderr to `log`; the whole session killed on the way out if it is still running."""
+    proc = subprocess.Popen([sys.executable, *args], env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

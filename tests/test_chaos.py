@@ -11,10 +11,10 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+from processes import in_own_session
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +38,8 @@ def _steps_done(path) -> int:
 @contextlib.contextmanager
 def _running(args: list[str], out, log):
     """The driver in a session of its own (its Ray included), output to `log`; killed on the way out."""
-    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *args, f"--run.output_dir={out}"],
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with in_own_session(["-m", "rlsr_ray.run", *args, f"--run.output_dir={out}"], log) as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _wait_steps(proc: subprocess.Popen, out, log, steps: int, timeout_s: float = 300) -> None:

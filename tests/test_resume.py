@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import in_own_session
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +43,12 @@ def test_killed_driver_resumes_exactly(tmp_path):
     extra = [*LAYOUT, "--ray.address=local"]  # each run its own Ray: the two below run side by side
     straight = tmp_path / "straight"
     # The uninterrupted run, asked to resume where there is nothing to resume: it starts fresh.
-    reference = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *ARGS, f"--run.output_dir={straight}",
-                                  *extra, "--run.resume=auto"], env=ENV, stdout=subprocess.DEVNULL,
-                                 stderr=open(tmp_path / "straight.log", "w"), start_new_session=True)
-
     killed = tmp_path / "killed"
-    # Own session: SIGKILL reaches the driver and the Ray processes it started, as when a node dies.
-    proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *ARGS, *extra, f"--run.output_dir={killed}"],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with in_own_session(["-m", "rlsr_ray.run", *ARGS, f"--run.output_dir={straight}", *extra, "--run.resume=auto"],
+                        tmp_path / "straight.log") as reference:
+        # Own session: SIGKILL reaches the driver and the Ray processes it started, as when a node dies.
+        proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *ARGS, *extra, f"--run.output_dir={killed}"],
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         marker = killed / "checkpoints" / "step_2" / "trainer_state.json"
         deadline = time.monotonic() + 300
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -60,9 +58,6 @@ def test_killed_driver_resumes_exactly(tmp_path):
         assert marker.exists(), "the run never reached its second checkpoint"
         assert not (killed / "checkpoints" / "step_4").exists()
         assert reference.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
-    finally:
-        if reference.poll() is None:
-            os.killpg(reference.pid, signal.SIGKILL)
     assert "no complete checkpoint" in (tmp_path / "straight.log").read_text()
 
     resumed = _run(killed, *extra, "--run.resume=auto")

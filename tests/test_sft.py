@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 
 from listeners import LOOPBACK, own_ray_env, session_listeners
+from processes import in_own_session
 
 from rlsr_ray import batch
 from rlsr_ray.sft import worker_shares
@@ -143,15 +144,10 @@ def test_sft_on_two_workers_survives_a_killed_worker_resumes_exactly_and_writes_
     # The ten steps in one go alongside the interrupted run, in a session (and local Ray) of its
     # own: the killed worker is looked up in the other run's session only.
     whole_log = tmp_path / "whole.log"
-    one_go = subprocess.Popen([sys.executable, "-m", "rlsr_ray.sft", *SFT_ARGS, f"--run.output_dir={whole}",
-                               "--sft.steps=10"], stdout=open(whole_log, "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    try:
+    with in_own_session(["-m", "rlsr_ray.sft", *SFT_ARGS, f"--run.output_dir={whole}", "--sft.steps=10"],
+                        whole_log) as one_go:
         log, listeners = _sft_with_a_worker_killed(parts, tmp_path / "killed.log", "--sft.steps=8")
         assert one_go.wait(timeout=600) == 0, whole_log.read_text()[-3000:]
-    finally:
-        if one_go.poll() is None:
-            os.killpg(one_go.pid, signal.SIGKILL)
     text = whole_log.read_text()
     # Progress: one line per step, once each; no Ray Train helper noise on the Ray started here.
     assert [int(m) for m in re.findall(r"sft step (\d+)/10: loss", text)] == list(range(1, 11)), text[-3000:]
