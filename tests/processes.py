@@ -40,12 +40,20 @@ def held(pid: int):
         os.kill(pid, signal.SIGCONT)
 
 
+def _as_in_a_terminal() -> None:
+    """SIGINT back to its default in the child, as a terminal's foreground command has it: a test
+    session started in the background of a non-interactive shell has it ignored, and the child
+    would inherit that (Python then leaves KeyboardInterrupt off, and Ctrl-C does nothing)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def in_own_session(args: list[str], log, env: dict | None = None):
     """`python ARGS` in a process session of its own (a local Ray it starts included), stdout and
     stderr to `log`; the whole session killed on the way out if it is still running."""
     proc = subprocess.Popen([sys.executable, *args], env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_as_in_a_terminal)
     try:
         yield proc
     finally:
