@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from listeners import LOOPBACK, session_listeners
 from processes import held, wait_constructed
 
 pytestmark = pytest.mark.slow
@@ -47,22 +49,52 @@ def fake_cluster(tmp_path):
 
     config = tmp_path / "fake_cluster.json"
     config.write_text(json.dumps(_fake_cluster_config()))
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    # Single-node mode keeps the head, the autoscaler and every node it adds on 127.0.0.1 (the fake
+    # provider starts its raylets at the address get_node_ip_address gives).
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     # As in Ray's own fake-cluster tests: one cluster per machine, stopped before and after.
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    subprocess.run(["ray", "start", "--head", f"--autoscaling-config={config}", "--num-cpus=1",
-                    "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True)
-    ray.init(address="auto")
+    # --block in a session of its own: the head, the autoscaler and the raylets it starts go with one
+    # SIGKILL to the session (`ray stop` waits seconds on each killed process it did not start).
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--autoscaling-config={config}", "--num-cpus=1",
+                             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+                            env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    # Both set in this process by what follows (Ray's address="auto" turns token auth on here when
+    # `ray start` left a token), put back after.
+    keep = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")}
     try:
-        yield ray
+        from rlsr_ray.driver.ray_session import running_cluster_address, single_node_mode
+
+        # This process and the run it starts join it in the same mode (else each looks for a
+        # raylet of its own at the machine's address).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        single_node_mode()
+
+        deadline = time.monotonic() + 120
+        while (address := running_cluster_address()) is None:
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(0.2)
+        assert address.startswith("127.0.0.1:"), address
+        ray.init(address="auto")
+        try:
+            yield ray, head.pid
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)  # anything that left the session
+        for k, v in keep.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def test_pools_wait_for_autoscaler_and_run_finishes(fake_cluster, tmp_path):
-    ray = fake_cluster
+    ray, head = fake_cluster
     assert len([n for n in ray.nodes() if n["Alive"]]) == 1  # head only
     out = tmp_path / "run"
     args = ["tiny", f"--run.output_dir={out}", "--run.steps=3", "--ray.placement_timeout_s=300",
@@ -73,8 +105,11 @@ def test_pools_wait_for_autoscaler_and_run_finishes(fake_cluster, tmp_path):
             # node of its own, asked for while the run goes on.
             "--pools.reward.resources={reward_node: 6}", "--pools.reward.max_actors=2"]
     log = tmp_path / "driver.log"
+    # Without RAY_AUTH_MODE, as a user's shell has it: the run finds the cluster `ray start` left on
+    # this machine and joins it with the token `ray start` wrote.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
     proc = subprocess.Popen([sys.executable, "-m", "rlsr_ray.run", *args], stdout=subprocess.DEVNULL,
-                            stderr=open(log, "w"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=open(log, "w"), env={**env, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 600
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
@@ -84,11 +119,14 @@ def test_pools_wait_for_autoscaler_and_run_finishes(fake_cluster, tmp_path):
         # (a tiny step takes about a second: the run could otherwise end before the node is added).
         with held(proc.pid):
             wait_constructed("RewardActor", 2, 180, "the second reward actor never started")
+            # The head, the autoscaler, the nodes it added and their actors: loopback only.
+            listeners = session_listeners(head)
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()
     stderr = log.read_text()
+    assert len(listeners) >= 10 and [(a, pid) for a, pid in listeners if a not in LOOPBACK] == [], listeners
     assert "joined the running Ray cluster" in stderr
     assert "waiting" in stderr and "for 1 x {'CPU': 1.0, 'GPU': 1.0" in stderr
     alive = [n for n in ray.nodes() if n["Alive"]]

@@ -83,12 +83,8 @@ def ray_head(tmp_path):
         os.killpg(head.pid, signal.SIGTERM)
         pytest.fail("ray head did not come up: " + (tmp_path / "head.log").read_text()[-2000:])
     yield url
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # its orderly shutdown takes ~30 s; the session is disposable
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
+    os.killpg(head.pid, signal.SIGKILL)  # an orderly shutdown takes ~30 s; the session is disposable
+    head.wait()
 
 
 def test_tiny_preset_through_ray_job_submit(ray_head, tmp_path):

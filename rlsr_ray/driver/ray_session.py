@@ -40,28 +40,35 @@ def connect_ray(cfg: Config) -> bool:
     global _LOCAL_RAY
     from rlsr_ray.plan import local_num_cpus
 
-    if cfg.ray.address == "local":
-        address = None
-    else:
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
-    if not address:
+    address = found = None
+    if cfg.ray.address != "local":
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        found = None if address else running_cluster_address()
+    if not (address or found):
         single_node_mode()
     import ray
 
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    if address or found:
+        # A cluster found on this machine is joined as Ray's own address="auto" joins it (the
+        # record is live: checked above), which takes up the token `ray start` wrote when token
+        # auth is on; Ray leaves that to RAY_AUTH_MODE for an address given explicitly.
+        ray.init(address=address or "auto", log_to_driver=True)
         _LOCAL_RAY = False
-        log.info("joined the running Ray cluster at %s", address)
+        log.info("joined the running Ray cluster at %s", address or found)
         return False
     env = dict(WORKER_ENV)
     if sys.platform == "linux":
         # Gloo binds its pairs to the address the host name resolves to, on some machines a
         # routable one; every rank of a local Ray is on this machine.
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+    # Ray starts idle workers for the first driver to save a later task the start-up; with this
+    # job's runtime environment no actor can take one (each gets a worker of its own), so on a small
+    # machine they only take CPU from the actors starting beside them.
     ray.init(address="local", num_cpus=local_num_cpus(cfg), include_dashboard=False, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": env})
+             _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": env},
+             _system_config={"prestart_worker_first_driver": False})
     _LOCAL_RAY = True
     log.info("started a local Ray instance with %d logical CPUs", local_num_cpus(cfg))
     return True
