@@ -45,6 +45,12 @@ class _Joining:
     since: float
 
 
+# An actor that fails to construct (no room for its model on the node it got, a path that node
+# lacks) is asked for again after a wait that doubles with each failure in a row: a constructor
+# that always fails costs a start every few minutes, not one per step.
+RETRY_FIRST_S, RETRY_MAX_S = 5.0, 300.0
+
+
 class Membership:
     def __init__(self, role: str, make: Callable[[Any, int], Any], bundle: dict[str, float], lo: int, hi: int):
         """make(placement_group, rank) -> actor handle, placed in that group's only bundle."""
@@ -55,6 +61,8 @@ class Membership:
         self.joining: list[_Joining] = []
         self.events: list[PoolEvent] = []
         self._next_rank = 0
+        self.failed_starts = 0  # constructions failed in a row
+        self.retry_at = 0.0  # time.monotonic() before which none is asked for
 
     def _ask(self) -> _Joining:
         from ray.util.placement_group import placement_group
@@ -82,6 +90,8 @@ class Membership:
         self.pgs[j.actor], self.ranks[j.actor] = j.pg, j.rank
 
     def _top_up(self) -> None:
+        if time.monotonic() < self.retry_at:
+            return
         while len(self.actors) + len(self.joining) < self.hi:
             self._ask()
 
@@ -107,11 +117,12 @@ class Membership:
 
     def ready_to_join(self) -> list[Any]:
         """Actors asked for that are now placed and constructed (not yet in the pool); one that
-        failed to construct is dropped and asked for again."""
+        failed to construct is dropped and asked for again after a wait (RETRY_FIRST_S, doubling)."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
         if not self.joining:
+            self._top_up()  # the wait after a failed start may be over
             return []
         ready, _ = ray.wait([j.ready for j in self.joining], num_returns=len(self.joining), timeout=0)
         out = []
@@ -120,11 +131,15 @@ class Membership:
             try:
                 ray.get(j.ready)
             except ray.exceptions.RayError as e:
-                log.warning("pool %s: actor %d failed to start (%s); asking for another", self.role, j.rank,
-                            first_line(e)[:200])
+                self.failed_starts += 1
+                wait_s = min(RETRY_FIRST_S * 2 ** (self.failed_starts - 1), RETRY_MAX_S)
+                self.retry_at = time.monotonic() + wait_s
+                log.warning("pool %s: actor %d failed to start (%s); asking for another in %.0fs (%d failed in a row)",
+                            self.role, j.rank, first_line(e)[:200], wait_s, self.failed_starts)
                 ray.kill(j.actor, no_restart=True)
                 remove_placement_group(j.pg)
                 continue
+            self.failed_starts = 0
             out.append(j)
         self._top_up()
         return out

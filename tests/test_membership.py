@@ -94,3 +94,50 @@ def test_fewer_than_min_actors_is_an_error_naming_the_bound(pool, local_ray):
         ray.kill(a, no_restart=True)
     with pytest.raises(ActorFailure, match=r"pool reward: 0 actor\(s\) left, fewer than pools.reward.min_actors=1"):
         pool.get(refs, "work")
+
+
+class FailsAboveRankZero:
+    """Constructs as rank 0 only, as an actor would whose model does not fit the nodes it gets next."""
+
+    def __init__(self, rank: int = 0):
+        if rank > 0:
+            raise RuntimeError("no room for the model")
+
+    def work(self, x: int, hold_s: float) -> int:
+        return 2 * x
+
+
+def test_an_actor_that_cannot_start_is_asked_for_again_after_a_growing_wait(local_ray, caplog):
+    """A constructor that always fails costs one start per wait (doubling), not one per admit: in
+    the first wait, however often the pool looks for actors to join, none is asked for."""
+    from ray import cloudpickle
+
+    from actors import membership
+    from actors.pool import Pool
+    from rlsr_ray.config import PoolConfig
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    p = Pool("reward", FailsAboveRankZero, PoolConfig(num_actors=1, min_actors=1, max_actors=2, num_cpus=0.25), {},
+             placement_timeout_s=60, call_timeout_s=60)
+    try:
+        members = p.members
+        deadline = time.monotonic() + 60
+        while members.failed_starts == 0:  # rank 1, asked for at the start, fails
+            assert time.monotonic() < deadline, "rank 1 never failed"
+            assert p.admit() == 0
+            time.sleep(0.05)
+        failed_at = time.monotonic()
+        while time.monotonic() - failed_at < 0.8 * membership.RETRY_FIRST_S:
+            assert p.admit() == 0
+            time.sleep(0.05)
+        assert members._next_rank == 2 and not members.joining  # rank 1 failed; nothing asked for since
+        assert members.retry_at - failed_at == pytest.approx(membership.RETRY_FIRST_S, abs=0.5)
+        assert "actor 1 failed to start (" in caplog.text and "asking for another in 5s (1 failed in a row)" in caplog.text
+        while members.failed_starts < 2:  # the next ask, after the wait: rank 2 fails too, the wait doubles
+            assert time.monotonic() < deadline, "no second ask"
+            assert p.admit() == 0
+            time.sleep(0.05)
+        assert members._next_rank == 3 and "asking for another in 10s (2 failed in a row)" in caplog.text
+        assert p.get(p.submit("work", [(4, 0.0)]), "work") == [8]  # rank 0 worked on throughout
+    finally:
+        p.shutdown()
