@@ -61,9 +61,9 @@ def fake_cluster(tmp_path):
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
                             env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    # Both set in this process by what follows (Ray's address="auto" turns token auth on here when
-    # `ray start` left a token), put back after.
-    keep = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")}
+    # Set in this process below, put back after. (Ray's address="auto" also turns token auth on in
+    # this process for good, its RAY_AUTH_MODE and its cached config alike: left as Ray set them.)
+    keep = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",)}
     try:
         from rlsr_ray.driver.ray_session import running_cluster_address, single_node_mode
 
