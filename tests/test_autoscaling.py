@@ -44,15 +44,21 @@ def _fake_cluster_config() -> dict:
 
 
 @pytest.fixture
-def fake_cluster(tmp_path):
+def fake_cluster(tmp_path, monkeypatch):
     import ray
+
+    from rlsr_ray.driver.ray_session import running_cluster_address, single_node_mode
 
     config = tmp_path / "fake_cluster.json"
     config.write_text(json.dumps(_fake_cluster_config()))
     # Single-node mode keeps the head, the autoscaler and every node it adds on 127.0.0.1 (the fake
-    # provider starts its raylets at the address get_node_ip_address gives).
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # provider starts its raylets at the address get_node_ip_address gives); this process and the
+    # run it starts join in the same mode (else each looks for a raylet of its own at the machine's
+    # address). Ray's address="auto" below also turns token auth on in this process for good, its
+    # RAY_AUTH_MODE and its cached config alike: left as Ray sets them.
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    single_node_mode()
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     # As in Ray's own fake-cluster tests: one cluster per machine, stopped before and after.
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
     # --block in a session of its own: the head, the autoscaler and the raylets it starts go with one
@@ -61,17 +67,7 @@ def fake_cluster(tmp_path):
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
                             env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    # Set in this process below, put back after. (Ray's address="auto" also turns token auth on in
-    # this process for good, its RAY_AUTH_MODE and its cached config alike: left as Ray set them.)
-    keep = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",)}
     try:
-        from rlsr_ray.driver.ray_session import running_cluster_address, single_node_mode
-
-        # This process and the run it starts join it in the same mode (else each looks for a
-        # raylet of its own at the machine's address).
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        single_node_mode()
-
         deadline = time.monotonic() + 120
         while (address := running_cluster_address()) is None:
             assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
@@ -86,11 +82,6 @@ def fake_cluster(tmp_path):
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
         subprocess.run(["ray", "stop", "--force"], capture_output=True)  # anything that left the session
-        for k, v in keep.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_pools_wait_for_autoscaler_and_run_finishes(fake_cluster, tmp_path):

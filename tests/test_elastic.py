@@ -27,8 +27,8 @@ pytestmark = pytest.mark.slow
 def cluster():
     from ray.cluster_utils import Cluster
 
-    keep = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # several raylets, all on loopback
+    patched = pytest.MonkeyPatch()  # module-scoped: pytest's monkeypatch fixture is per test
+    patched.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # several raylets, all on loopback
     # A dead node is noticed within ~2 s (Ray's default: up to 15 s of missed health checks).
     system = {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
               # The tiny runs' rollout tables kept in the object store of the node that made them
@@ -42,10 +42,7 @@ def cluster():
         yield c, nodes
     finally:
         c.shutdown()
-        if keep is None:
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        else:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = keep
+        patched.undo()
 
 
 def test_a_learner_node_leaves_the_run_goes_on_with_fewer_learners_and_grows_back(cluster, tmp_path):
