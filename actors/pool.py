@@ -109,7 +109,11 @@ class Pool:
                 resources={k: v for k, v in b.items() if k not in ("CPU", "GPU")},
                 # A restarted actor re-runs __init__ and Ray re-sends the interrupted call to it;
                 # the driver re-syncs weights where a restart lost them (pipeline.finish_generation).
-                max_restarts=restarts, max_task_retries=restarts, runtime_env={"env_vars": env},
+                # Ray also re-sends on a dropped connection to a live actor ("temporarily
+                # unavailable", frequent on a loaded machine), and each re-send spends a retry: as
+                # many retries as restarts failed runs whose actors never restarted. So no bound
+                # here: restarts are bounded by max_restarts, a call's wait by the call timeout.
+                max_restarts=restarts, max_task_retries=-1 if restarts else 0, runtime_env={"env_vars": env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
                 name=None,
             )

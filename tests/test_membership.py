@@ -1,5 +1,6 @@
-"""An elastic pool on a real Ray: an actor killed during a call has the call sent to another, the
-pool goes on smaller, a replacement joins when placed, and fewer than min_actors is an error."""
+"""Pools on a real Ray. Elastic: an actor killed during a call has the call sent to another, the
+pool goes on smaller, a replacement joins when placed, and fewer than min_actors is an error.
+Restarted in place by Ray: a call outlasts any number of dropped connections to its live actor."""
 from __future__ import annotations
 
 import sys
@@ -139,5 +140,73 @@ def test_an_actor_that_cannot_start_is_asked_for_again_after_a_growing_wait(loca
             time.sleep(0.05)
         assert members._next_rank == 3 and "asking for another in 10s (2 failed in a row)" in caplog.text
         assert p.get(p.submit("work", [(4, 0.0)]), "work") == [8]  # rank 0 worked on throughout
+    finally:
+        p.shutdown()
+
+
+class Attempts:
+    """Counts the attempts of its calls that reach it."""
+
+    def __init__(self, rank: int = 0):
+        self.attempts = 0
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def work(self, x: int, hold_s: float) -> int:
+        self.attempts += 1
+        time.sleep(hold_s)
+        return 2 * x
+
+    def count(self) -> int:
+        return self.attempts
+
+
+def _drop_connections_to(pid: int) -> int:
+    """Shut down this process's end of every TCP connection to process `pid`, as a broken link or
+    an overloaded peer does: Ray reports the call in flight on it as unavailable."""
+    import os
+    import socket
+
+    import psutil  # Ray's own copy, on the path once ray is imported
+
+    theirs = {(c.laddr, c.raddr) for c in psutil.Process(pid).net_connections(kind="inet") if c.raddr}
+    ours = [c.fd for c in psutil.Process().net_connections(kind="inet") if (c.raddr, c.laddr) in theirs]
+    for fd in ours:
+        # On a duplicate, so that gRPC's own descriptor stays valid and sees the connection end.
+        with socket.socket(fileno=os.dup(fd)) as end:
+            end.shutdown(socket.SHUT_RDWR)
+    return len(ours)
+
+
+def test_a_call_outlasts_more_dropped_connections_than_its_actor_has_restarts(local_ray):
+    """A restartable actor's call is sent again whenever its connection drops, not only as many
+    times as the actor may restart: on a loaded machine Ray sees a live actor as "temporarily
+    unavailable" now and then without it ever restarting. Restarts stay bounded by max_restarts,
+    a hung call by the pool's call timeout."""
+    ray = local_ray
+    from ray import cloudpickle
+
+    from actors.pool import Pool
+    from rlsr_ray.config import PoolConfig
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    p = Pool("reward", Attempts, PoolConfig(num_actors=1, num_cpus=0.25, max_restarts=1), {},
+             placement_timeout_s=60, call_timeout_s=60)
+    try:
+        pid = ray.get(p.actors[0].pid.remote())
+        refs = p.submit("work", [(21, 1.0)])
+        drops, deadline = 0, time.monotonic() + 30
+        # More drops than the actor's one restart, each while the call is in flight (no longer in
+        # flight: it ended, and p.get says how).
+        while drops < 3 and not ray.wait(refs, timeout=0)[0]:
+            assert time.monotonic() < deadline, f"{drops} connections dropped in 30 s"
+            time.sleep(0.2)
+            drops += _drop_connections_to(pid) > 0  # none between Ray's reconnecting and resending
+        assert p.get(refs, "work") == [42]
+        assert ray.get(p.actors[0].pid.remote()) == pid  # the same process throughout: never restarted
+        assert 2 <= ray.get(p.actors[0].count.remote()) <= 4  # the call ran again after drops
     finally:
         p.shutdown()
