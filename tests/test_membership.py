@@ -204,7 +204,7 @@ def test_a_call_outlasts_more_dropped_connections_than_its_actor_has_restarts(lo
         while drops < 3 and not ray.wait(refs, timeout=0)[0]:
             assert time.monotonic() < deadline, f"{drops} connections dropped in 30 s"
             time.sleep(0.2)
-            drops += _drop_connections_to(pid) > 0  # none between Ray's reconnecting and resending
+            drops += _drop_connections_to(pid) > 0  # none while Ray reconnects
         assert p.get(refs, "work") == [42]
         assert ray.get(p.actors[0].pid.remote()) == pid  # the same process throughout: never restarted
         assert 2 <= ray.get(p.actors[0].count.remote()) <= 4  # the call ran again after drops
