@@ -1,4 +1,4 @@
-"""The processes on this machine by their titles: Ray titles an actor's worker `ray::<Class>` once
+"""The processes a test started, by their titles: Ray titles an actor's worker `ray::<Class>` once
 __init__ has returned (`ray::<Class>.__init__` while it runs, `ray::<Class>.<method>` in a call)."""
 from __future__ import annotations
 
@@ -11,9 +11,24 @@ import time
 
 
 def titles() -> list[tuple[int, str]]:
-    """(pid, title) of every process."""
-    lines = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
-    return [(int(p), t.strip()) for p, t in (x.strip().split(None, 1) for x in lines.splitlines() if " " in x.strip())]
+    """(pid, title) of every process descended from this one: the Ray clusters and runs the tests
+    started, never the actors of another Ray on the machine (a test may SIGSTOP what it finds)."""
+    lines = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
+    rows = [x.split(None, 2) for x in lines.splitlines()]
+    parent = {int(r[0]): int(r[1]) for r in rows if len(r) >= 2}
+    ours = {os.getpid()}
+
+    def descends(pid: int) -> bool:
+        seen = []
+        while pid not in ours and pid in parent and pid not in seen and pid > 1:
+            seen.append(pid)
+            pid = parent[pid]
+        if pid in ours:
+            ours.update(seen)
+            return True
+        return False
+
+    return [(int(r[0]), r[2].strip()) for r in rows if len(r) == 3 and descends(int(r[0]))]
 
 
 def constructed(cls: str) -> int:
