@@ -3,6 +3,8 @@ pool goes on smaller, a replacement joins when placed, and fewer than min_actors
 Restarted in place by Ray: a call outlasts any number of dropped connections to its live actor."""
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 
@@ -26,18 +28,26 @@ class Worker:
         return x, x + 1
 
 
-@pytest.fixture(scope="module")
-def pool(local_ray):
+@contextlib.contextmanager
+def _pool(cls, **settings):
+    """A reward pool of `cls` actors (PoolConfig `settings`, a quarter CPU each), shut down after."""
     from ray import cloudpickle
 
     from actors.pool import Pool
     from rlsr_ray.config import PoolConfig
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
-    p = Pool("reward", Worker, PoolConfig(num_actors=2, min_actors=1, max_actors=2, num_cpus=0.25), {},
-             placement_timeout_s=60, call_timeout_s=60)
-    yield p
-    p.shutdown()
+    p = Pool("reward", cls, PoolConfig(num_cpus=0.25, **settings), {}, placement_timeout_s=60, call_timeout_s=60)
+    try:
+        yield p
+    finally:
+        p.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(local_ray):
+    with _pool(Worker, num_actors=2, min_actors=1, max_actors=2) as p:
+        yield p
 
 
 def _rejoin(pool, timeout_s: float = 60.0) -> None:
@@ -111,16 +121,9 @@ class FailsAboveRankZero:
 def test_an_actor_that_cannot_start_is_asked_for_again_after_a_growing_wait(local_ray, caplog):
     """A constructor that always fails costs one start per wait (doubling), not one per admit: in
     the first wait, however often the pool looks for actors to join, none is asked for."""
-    from ray import cloudpickle
-
     from actors import membership
-    from actors.pool import Pool
-    from rlsr_ray.config import PoolConfig
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    p = Pool("reward", FailsAboveRankZero, PoolConfig(num_actors=1, min_actors=1, max_actors=2, num_cpus=0.25), {},
-             placement_timeout_s=60, call_timeout_s=60)
-    try:
+    with _pool(FailsAboveRankZero, num_actors=1, min_actors=1, max_actors=2) as p:
         members = p.members
         deadline = time.monotonic() + 60
         while members.failed_starts == 0:  # rank 1, asked for at the start, fails
@@ -140,8 +143,6 @@ def test_an_actor_that_cannot_start_is_asked_for_again_after_a_growing_wait(loca
             time.sleep(0.05)
         assert members._next_rank == 3 and "asking for another in 10s (2 failed in a row)" in caplog.text
         assert p.get(p.submit("work", [(4, 0.0)]), "work") == [8]  # rank 0 worked on throughout
-    finally:
-        p.shutdown()
 
 
 class Attempts:
@@ -151,8 +152,6 @@ class Attempts:
         self.attempts = 0
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
     def work(self, x: int, hold_s: float) -> int:
@@ -167,7 +166,6 @@ class Attempts:
 def _drop_connections_to(pid: int) -> int:
     """Shut down this process's end of every TCP connection to process `pid`, as a broken link or
     an overloaded peer does: Ray reports the call in flight on it as unavailable."""
-    import os
     import socket
 
     import psutil  # Ray's own copy, on the path once ray is imported
@@ -187,15 +185,7 @@ def test_a_call_outlasts_more_dropped_connections_than_its_actor_has_restarts(lo
     unavailable" now and then without it ever restarting. Restarts stay bounded by max_restarts,
     a hung call by the pool's call timeout."""
     ray = local_ray
-    from ray import cloudpickle
-
-    from actors.pool import Pool
-    from rlsr_ray.config import PoolConfig
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    p = Pool("reward", Attempts, PoolConfig(num_actors=1, num_cpus=0.25, max_restarts=1), {},
-             placement_timeout_s=60, call_timeout_s=60)
-    try:
+    with _pool(Attempts, num_actors=1, max_restarts=1) as p:
         pid = ray.get(p.actors[0].pid.remote())
         refs = p.submit("work", [(21, 1.0)])
         drops, deadline = 0, time.monotonic() + 30
@@ -208,5 +198,3 @@ def test_a_call_outlasts_more_dropped_connections_than_its_actor_has_restarts(lo
         assert p.get(refs, "work") == [42]
         assert ray.get(p.actors[0].pid.remote()) == pid  # the same process throughout: never restarted
         assert 2 <= ray.get(p.actors[0].count.remote()) <= 4  # the call ran again after drops
-    finally:
-        p.shutdown()
