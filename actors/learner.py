@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from actors.comm_op import without_shm_op
 from actors.objectives import GRPO, SFT, Objective
 from rlsr_ray import batch
 from rlsr_ray.algo.loss import LossSettings
@@ -119,12 +120,12 @@ class LearnerActor:
             return "file://" + os.path.join(tempfile.gettempdir(), f"rlsr_ray_rdzv_{secrets.token_hex(8)}")
         return f"tcp://[{host}]:{_free_port()}" if ":" in host else f"tcp://{host}:{_free_port()}"
 
-    def setup(self, init_method: str) -> None:
-        """Join the group at init_method (from rank 0's rendezvous) and build the DeepSpeed engine."""
+    def setup(self, init_method: str) -> str:
+        """Join the group at init_method (from rank 0's rendezvous) and build the DeepSpeed engine.
+        Returns a line for the run's log: what was done about DeepSpeed's CPU comm op."""
         import deepspeed
 
-        # The CPU shared-memory comm op is JIT-built on first use (~1 min): keep it across runs.
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(self.cache_dir / "torch_extensions"))
+        said = without_shm_op(self.cache_dir)  # before the group: init_distributed would build it
         index = cuda_index(self.device)
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(index))
         if init_method.startswith("tcp://"):  # DeepSpeed's comm helpers also read these
@@ -158,6 +159,7 @@ class LearnerActor:
             self._barrier()
             if self.rank == 0:
                 Path(init_method[len("file://"):]).unlink(missing_ok=True)
+        return said
 
     def old_logprobs(self, table: pa.Table) -> list:
         if not self.s.recompute_old_logprobs:

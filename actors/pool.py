@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors import placement_watch
+from actors.waiting import report_times, waited
 from actors.membership import Membership, PoolEvent
 from rlsr_ray.cli import first_line
 from rlsr_ray.config import PoolConfig
@@ -78,10 +79,15 @@ _DROPPED = object()  # a lost actor's value of a call that is not sent again
 
 class Pool:
     def __init__(self, role: str, cls: type, cfg: PoolConfig, kwargs: dict[str, Any],
-                 placement_timeout_s: float = 600.0, call_timeout_s: float = 3600.0, ray_restarts: bool = True):
+                 placement_timeout_s: float = 600.0, call_timeout_s: float = 3600.0, ray_restarts: bool = True,
+                 startup_timeout_s: float = 1800.0, loads: str = "loading its model"):
         """ray_restarts=False: a dead actor stays dead and the driver rebuilds the pool itself
-        (learners: their process group and optimizer state cannot be restored by a bare restart)."""
-        self.role, self.cfg = role, cfg
+        (learners: their process group and optimizer state cannot be restored by a bare restart).
+        loads: what an actor's constructor does, for the start-up wait's lines (wait_started)."""
+        self.role, self.cfg, self.loads = role, cfg, loads
+        self.startup_timeout_s = startup_timeout_s
+        self._answered: set[str] = set()  # methods every actor has answered once: no longer start-up
+        self.created_at = time.monotonic()
         self.members: Membership | None = None
         self._calls: dict[Any, _Call] = {}  # elastic pools: what each pending call was, to send it again
         self._moved: dict[Any, Any] = {}  # a re-sent call's old result refs -> the new ones
@@ -134,6 +140,7 @@ class Pool:
             placement_watch.watch(self.pg, f"pool {role}")  # rebuilt by the driver, never restarted in place
         self.actors = [remote_cls.options(**options(self.pg, rank, restarts)).remote(**kwargs, rank=rank)
                        for rank in range(cfg.num_actors)]
+        self.created_at = time.monotonic()  # placed: the constructors' start-up time counts from here
 
     @property
     def size(self) -> int:
@@ -144,17 +151,16 @@ class Pool:
         import ray
 
         start = time.monotonic()
-        next_log = 0.0
+        reports = report_times(first_s=1.0)  # a pool not placed at once says so early
+        next_log = next(reports)
         need = bundles(self.cfg)
         pending = [pg.ready() for pg in pgs]
         while True:
-            # A short first wait: a pool that is not placed at once gets its "waiting" line early.
-            poll = 1.0 if next_log == 0.0 else 5.0
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(poll, max(timeout_s, 0.1)))
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, max(timeout_s, 0.1)))
             if not pending:
                 return
-            waited = time.monotonic() - start
-            if waited >= timeout_s:
+            so_far = time.monotonic() - start
+            if so_far >= timeout_s:
                 from ray.util.placement_group import remove_placement_group
 
                 for pg in pgs:  # withdraw the request so the autoscaler stops on it
@@ -162,12 +168,12 @@ class Pool:
                 if self.members is not None:
                     self.members.shutdown()
                 raise PoolTimeout(
-                    f"pool {self.role}: gave up after {waited:.0f}s waiting for {len(need)} x {need[0]} "
+                    f"pool {self.role}: gave up after {so_far:.0f}s waiting for {len(need)} x {need[0]} "
                     f"(cluster total {ray.cluster_resources()}); raise ray.placement_timeout_s or add nodes")
-            if waited >= next_log:
-                log.info("pool %s: waiting %.0fs for %d x %s; available now %s", self.role, waited, len(need),
-                         need[0], ray.available_resources())
-                next_log = waited + 30.0
+            if so_far >= next_log:
+                log.info("pool %s: waiting %.0fs to be placed, %d x %s; available now %s (ray.placement_timeout_s=%.0f)",
+                         self.role, so_far, len(need), need[0], ray.available_resources(), timeout_s)
+                next_log = next(reports)
 
     def submit(self, method: str, per_actor_args: list[tuple], num_returns: int = 1,
                resend: bool = False) -> list[Any]:
@@ -195,26 +201,41 @@ class Pool:
     def broadcast(self, method: str, *args: Any) -> list[Any]:
         return self.submit(method, [args] * len(self.actors))
 
-    def get(self, results: list[Any], what: str = "", submitted_at: float | None = None) -> list[Any]:
+    def get(self, results: list[Any], what: str = "", submitted_at: float | None = None, doing: str = "",
+            startup: bool = False) -> list[Any]:
         """Values of one call on every actor. Fails as soon as any actor fails, rather than when
         the slowest finishes: survivors of a group whose peer died may sit in a collective.
         `submitted_at` (time.monotonic()) starts the call's timeout where the call started.
+        A start-up wait (`startup`, a `doing` given, or a method's first call) says what it still
+        waits on at growing intervals; `startup` bounds it by ray.startup_timeout_s instead of the
+        call timeout. `doing`: what the actors are doing, for those lines and the timeout's.
         In an elastic pool a lost actor's call is sent again (submit's `resend`) or its value left
         out; current() then gives the new refs of the call's other results."""
         if not self.remote:
             return results
         import ray
 
-        deadline = (time.monotonic() if submitted_at is None else submitted_at) + self.call_timeout_s
+        start = time.monotonic() if submitted_at is None else submitted_at
+        bound, key = (self.startup_timeout_s, "ray.startup_timeout_s") if startup else \
+            (self.call_timeout_s, self.timeout_key)
+        deadline = start + bound
+        doing = doing or ("" if what in self._answered else f"its first {what}")
+        reports = report_times() if doing else iter(())
+        next_report = start + next(reports, float("inf"))
         values: list[Any] = [None] * len(results)
         index = {ref: i for i, ref in enumerate(results)}
         pending = list(results)
         while pending:
-            ready, pending = placement_watch.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+            until = min(deadline, next_report)
+            ready, pending = placement_watch.wait(pending, timeout=max(0.0, until - time.monotonic()))
+            if not ready and time.monotonic() < deadline:
+                log.info("pool %s: waiting %s on %s for %s%s", self.role, waited(time.monotonic() - start),
+                         self._where(sorted(index[r] for r in pending)), what, f" ({doing})" if doing else "")
+                next_report = start + next(reports, float("inf"))
+                continue
             if not ready:
-                ranks = sorted(index[r] for r in pending)
-                raise PoolTimeout(f"pool {self.role}: actor rank(s) {ranks} did not finish {what} within "
-                                  f"{self.call_timeout_s:.0f}s ({self.timeout_key})")
+                raise PoolTimeout(f"pool {self.role}: {self._where(sorted(index[r] for r in pending))} did not "
+                                  f"finish {what}{f' ({doing})' if doing else ''} within {bound:.0f}s ({key})")
             rank = index[ready[0]]
             try:
                 values[rank] = ray.get(ready[0])  # kept: rollout tables are not fetched twice
@@ -238,8 +259,31 @@ class Pool:
                 else:
                     index[again] = rank
                     pending.append(again)
-                    deadline = max(deadline, time.monotonic() + self.call_timeout_s)
+                    deadline = max(deadline, time.monotonic() + bound)
+        self._answered.add(what)
         return [v for v in values if v is not _DROPPED]
+
+    def _where(self, ranks: list[int]) -> str:
+        """'actor rank(s) [0, 1] on node(s) 10.0.0.5', for a wait's lines (nodes as far as known)."""
+        where = f"actor rank(s) {ranks}"
+        try:
+            import ray
+
+            address = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes()}
+            placed = self.nodes()
+            names = sorted({address.get(placed[r], "?") for r in ranks if r < len(placed) and placed[r]})
+        except Exception:  # the line goes out without nodes rather than not at all
+            names = []
+        return f"{where} on node(s) {', '.join(names)}" if names else where
+
+    def wait_started(self) -> None:
+        """Until every actor's constructor has returned (it loads models), at most
+        ray.startup_timeout_s from the pool's placement; a constructor's error fails it at once.
+        An elastic pool's actors join as they come (membership.py) and are not waited for here."""
+        if not self.remote or self.members is not None:
+            return
+        self.get([a.__ray_ready__.remote() for a in self.actors], "start", self.created_at, self.loads,
+                 startup=True)
 
     def _task_error(self, results: list[Any], failed: Any, what: str, error: BaseException) -> None:
         """A collective torn by a peer's death reaches the survivors as a task error, often before

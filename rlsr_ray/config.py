@@ -168,6 +168,10 @@ class RayConfig:
     num_cpus: Optional[int] = None  # logical CPUs of a locally started Ray (None: what pools need)
     placement_timeout_s: float = 600.0
     call_timeout_s: float = 3600.0
+    # A pool's start-up: its actors' constructors (loading models, from placement on) and the
+    # learners' group join and DeepSpeed set-up, each bounded by this; waits say what they wait
+    # on after 5 s, then at doubling intervals.
+    startup_timeout_s: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -407,6 +411,8 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_pools(cfg: Config, need) -> None:
+    for key in ("placement_timeout_s", "call_timeout_s", "startup_timeout_s"):
+        need(getattr(cfg.ray, key) > 0, f"ray.{key}", "must be > 0", getattr(cfg.ray, key))
     for role in ("rollout", "reward", "reference", "learner"):
         p: PoolConfig = getattr(cfg.pools, role)
         need(p.num_actors >= 0, f"pools.{role}.num_actors", "must be >= 0", p.num_actors)

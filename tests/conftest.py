@@ -9,9 +9,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# One shared cache: the tiny model and DeepSpeed's JIT-built comm op are made once per machine.
+# One shared cache: the tiny model is made once per machine.
 CACHE = os.environ.setdefault("RLSR_TEST_CACHE", os.path.expanduser("~/.cache/rlsr_ray"))
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(CACHE, "torch_extensions"))
 # Ray Train's controller takes a worker's report only when it polls (every 2 s by default), and the
 # worker's next report waits for that (a queue of one): SFT steps of well under a second on the
 # tiny model would each wait out the poll. Results do not depend on it; commands run by tests
@@ -93,13 +92,18 @@ def tiny_run(tmp_path_factory):
     """`python -m rlsr_ray.run tiny --run.steps=3` with USER_TERMS once per session, on the local
     Ray it starts, with a Ray auth token of its own: (output folder, log text, token, every socket
     its session listened on, read each second through the run). tests/test_e2e.py checks it;
-    tests/test_reward_service.py compares a run through the reward service with it."""
+    tests/test_reward_service.py compares a run through the reward service with it.
+    Its DeepSpeed extensions folder (TORCH_EXTENSIONS_DIR) holds the lock of a comm-op build that
+    was killed (processes.killed_comm_op_build), as an interrupted first run left it."""
     from listeners import command_listeners
+    from processes import killed_comm_op_build
 
     out = tmp_path_factory.mktemp("tiny_run") / "run"
+    killed_comm_op_build(out.parent / "torch_extensions")
     secret = "5ecre7" + os.urandom(13).hex()
     log = out.parent / "driver.log"
     code, seen = command_listeners(["rlsr_ray.run", "tiny", f"--run.output_dir={out}", "--run.steps=3", USER_TERMS],
-                                   log, timeout_s=900, PYTHONUNBUFFERED="1", RAY_AUTH_TOKEN=secret, **TESTS_ON_PATH)
+                                   log, timeout_s=900, PYTHONUNBUFFERED="1", RAY_AUTH_TOKEN=secret,
+                                   TORCH_EXTENSIONS_DIR=str(out.parent / "torch_extensions"), **TESTS_ON_PATH)
     assert code == 0, log.read_text()[-3000:]
     return out, log.read_text(), secret, seen

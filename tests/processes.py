@@ -74,3 +74,23 @@ def in_own_session(args: list[str], log, env: dict | None = None):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def killed_comm_op_build(extensions_dir) -> str:
+    """What a first run interrupted by Ctrl-C used to leave: DeepSpeed's shared-memory comm op
+    started building into `extensions_dir` as `deepspeed.init_distributed` started it, then the
+    build (compiler included) SIGKILLed while it holds torch's build lock. Returns the lock's path."""
+    lock = os.path.join(extensions_dir, "deepspeed_shm_comm", "lock")
+    code = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not os.path.exists(lock):
+            assert proc.poll() is None and time.monotonic() < deadline, "the build never took its lock"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert os.path.exists(lock)
+    return lock

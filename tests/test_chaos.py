@@ -14,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from processes import in_own_session
+from processes import in_own_session, titles, wait_constructed
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +26,12 @@ VICTIMS = [(2, ("RolloutActor", "RewardActor")), (4, ("ReferenceActor", "Learner
 def _pids(class_name: str, session: int) -> list[int]:
     out = subprocess.run(["pgrep", "-s", str(session), "-f", f"ray::{class_name}"], capture_output=True, text=True)
     return [int(x) for x in out.stdout.split()]
+
+
+def _session(session: int) -> list[str]:
+    """Every process still in a process session: pid and command line."""
+    out = subprocess.run(["pgrep", "-a", "-s", str(session)], capture_output=True, text=True)
+    return out.stdout.splitlines()
 
 
 def _steps_done(path) -> int:
@@ -125,6 +131,35 @@ def test_a_hung_actor_times_out_naming_step_pool_and_rank(tmp_path):
     assert "within 5s (pools.reward.call_timeout_s)" in last
     assert waited >= 5  # the score call was submitted after the stop, and waited its whole bound
     assert _steps_done(out / "metrics.jsonl") < 50
+
+
+def test_a_learner_group_that_never_forms_ends_the_run_in_one_line_and_leaves_no_actor(tmp_path):
+    """SIGSTOP one of two learners as soon as it has loaded the policy: the group it should join
+    can then never form (its peer waits in the rendezvous store), and only the start-up deadline
+    ends the run. Which start-up step the stop catches (the driver's wait for the constructor, the
+    rendezvous or the group join) depends on timing; the line names the one it was in."""
+    out = tmp_path / "unformed"
+    log = tmp_path / "driver.log"
+    with _running([*BASE, "--run.steps=1", "--pools.learner.num_actors=2", "--ray.startup_timeout_s=20"], out,
+                  log) as proc:
+        wait_constructed("LearnerActor", 1, 300, log.read_text()[-3000:])
+        pid = next(p for p, t in titles() if t.startswith("ray::LearnerActor") and ".__init__" not in t)
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        assert proc.wait(timeout=300) == 1, log.read_text()[-3000:]
+        waited = time.monotonic() - stopped
+        lines = log.read_text().strip().splitlines()
+        deadline = time.monotonic() + 30  # the session's Ray is going; its workers with it
+        while (left := _session(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert re.fullmatch(r"rlsr_ray: error: pool learner: actor rank\(s\) \[[01](, 1)?\] on node\(s\) 127\.0\.0\.1 "
+                        r"did not finish (start \(loading the policy \S+\)|rendezvous \(naming where the group meets\)|"
+                        r"setup \(joining the learner group and building the DeepSpeed engine\)) within 20s "
+                        r"\(ray\.startup_timeout_s\)", lines[-1]), lines[-1]
+    assert waited < 20 + 30, waited  # the deadline, then the pools and the session's Ray shut down
+    assert any("pool learner: waiting 5s on actor rank(s)" in x for x in lines), lines[-20:]
+    assert left == [], left  # no actor (or any other process of the run's session) outlives it
+    assert not (out / "metrics.jsonl").exists()
 
 
 def test_ctrl_c_prints_one_line_with_the_newest_checkpoint_and_exits_130(tmp_path):

@@ -48,6 +48,12 @@ def test_tiny_preset_on_local_ray(tiny_run):
     assert len(listeners) >= 5, listeners
     assert [(a, pid) for a, pid in listeners if a not in LOOPBACK] == []
     assert secret not in text
+    # The run's extensions folder holds the lock of a comm-op build killed midway (conftest.tiny_run),
+    # which every run used to wait on forever: nothing is built or waited on there, and the log says so.
+    lock = out.parent / "torch_extensions" / "deepspeed_shm_comm" / "lock"
+    assert f"pool learner: DeepSpeed's shared-memory comm op (deepspeed_shm_comm) is not built or loaded: gloo " \
+           f"carries the learners' collectives; the build lock {lock}, left by an interrupted build, is not " \
+           f"waited on" in text
     assert not [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
     from transformers import AutoModelForCausalLM

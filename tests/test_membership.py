@@ -198,3 +198,38 @@ def test_a_call_outlasts_more_dropped_connections_than_its_actor_has_restarts(lo
         assert p.get(refs, "work") == [42]
         assert ray.get(p.actors[0].pid.remote()) == pid  # the same process throughout: never restarted
         assert 2 <= ray.get(p.actors[0].count.remote()) <= 4  # the call ran again after drops
+
+
+class SlowStart(Worker):
+    """An actor whose constructor does not return within the test (a model load that hangs)."""
+
+    def __init__(self, rank: int = 0):
+        super().__init__(rank)
+        time.sleep(120)
+
+
+def test_a_pool_that_does_not_start_says_what_it_waits_on_then_gives_up_at_its_deadline(local_ray, caplog):
+    """wait_started: a 'still waiting' line naming pool, rank, node and what the actor does after
+    5 s (waiting.FIRST_S), then one error at ray.startup_timeout_s (here 7 s) from placement."""
+    import logging
+    import sys
+
+    from ray import cloudpickle
+
+    from actors.pool import Pool, PoolTimeout
+    from rlsr_ray.config import PoolConfig
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    p = Pool("reward", SlowStart, PoolConfig(num_cpus=0.25, num_actors=1), {}, startup_timeout_s=7,
+             loads="loading a model that never loads")
+    try:
+        with caplog.at_level(logging.INFO, logger="rlsr_ray"), pytest.raises(PoolTimeout) as e:
+            p.wait_started()
+        waited = time.monotonic() - p.created_at
+    finally:
+        p.shutdown()
+    assert str(e.value) == ("pool reward: actor rank(s) [0] on node(s) 127.0.0.1 did not finish start (loading a "
+                            "model that never loads) within 7s (ray.startup_timeout_s)")
+    assert 7 <= waited < 7 + 3, waited
+    assert [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()] == [
+        "pool reward: waiting 5s on actor rank(s) [0] on node(s) 127.0.0.1 for start (loading a model that never loads)"]

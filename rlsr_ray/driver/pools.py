@@ -42,7 +42,7 @@ def learner_pool(cfg: Config, policy_path: str, learners: int | None = None,
     return Pool("learner", LearnerActor, p, dict(
         policy_path=policy_path, settings=settings, world_size=plan.learner_world_size,
         device=pool_device(p), torch_threads=p.torch_threads, cache_dir=cfg.model.cache_dir),
-        ray_restarts=False, **timeouts)
+        ray_restarts=False, loads=f"loading the policy {policy_path}", **timeouts)
 
 
 def rebuild_learner_group(cfg: Config, policy_path: str, at_most: int | None = None):
@@ -66,7 +66,11 @@ def rebuild_learner_group(cfg: Config, policy_path: str, at_most: int | None = N
             logging.getLogger("rlsr_ray").warning("learner group of %d not placed (%s); trying %d", size, e,
                                                   smaller)
             continue
-        learner.get(start_setup(learner), "setup")
+        try:
+            finish_setup(learner, start_setup(learner))
+        except BaseException:
+            learner.shutdown()
+            raise
         return learner, step_plan(cfg, size)
     raise AssertionError("learner_sizes is never empty")
 
@@ -91,11 +95,26 @@ def room_for_learners(cfg: Config, extra: int, wait_s: float = 1.0) -> bool:
         remove_placement_group(pg)
 
 
+SETUP = "joining the learner group and building the DeepSpeed engine"
+
+
 def start_setup(learner):
-    """Start the learners' DeepSpeed setup in one group; returns the pending setup. The
-    rendezvous call waits for every learner's constructor (the policy loaded)."""
-    meet = learner.call("rendezvous", [()] * learner.size)[0]  # rank 0's choice for everyone
+    """Start the learners' DeepSpeed setup in one group, once every learner has loaded the policy;
+    returns the pending setup (finish_setup waits for it)."""
+    learner.wait_started()
+    meet = learner.get(learner.broadcast("rendezvous"), "rendezvous", doing="naming where the group meets",
+                       startup=True)[0]  # rank 0's choice, for every rank
     return learner.broadcast("setup", meet)
+
+
+def finish_setup(learner, pending) -> None:
+    """Wait for the setup start_setup began, at most ray.startup_timeout_s; logs what rank 0 did
+    about DeepSpeed's CPU comm op (actors/comm_op.py)."""
+    import logging
+
+    said = learner.get(pending, "setup", doing=SETUP, startup=True)
+    if said and said[0]:
+        logging.getLogger("rlsr_ray").info("pool learner: %s", said[0])
 
 
 def _temperature(cfg: Config) -> float:
@@ -103,7 +122,8 @@ def _temperature(cfg: Config) -> float:
 
 
 def _timeouts(cfg: Config) -> dict[str, float]:
-    return dict(placement_timeout_s=cfg.ray.placement_timeout_s, call_timeout_s=cfg.ray.call_timeout_s)
+    return dict(placement_timeout_s=cfg.ray.placement_timeout_s, call_timeout_s=cfg.ray.call_timeout_s,
+                startup_timeout_s=cfg.ray.startup_timeout_s)
 
 
 def rollout_pool(cfg: Config, policy_path: str):
@@ -114,7 +134,8 @@ def rollout_pool(cfg: Config, policy_path: str):
     return Pool("rollout", RolloutActor, p, dict(
         policy_path=policy_path, backend=r.backend, compute_dtype=cfg.model.compute_dtype,
         device=pool_device(p), torch_threads=p.torch_threads, generate_batch_size=r.generate_batch_size,
-        vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization, seed=cfg.run.seed), **_timeouts(cfg))
+        vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization, seed=cfg.run.seed),
+        loads=f"loading the policy {policy_path} ({r.backend})", **_timeouts(cfg))
 
 
 def reward_pool(cfg: Config, terms: list):
@@ -129,7 +150,7 @@ def reward_pool(cfg: Config, terms: list):
 
         return reward_service.connect(cfg, pool_device(p), terms)
     return Pool("reward", RewardActor, p, dict(terms=terms, device=pool_device(p), torch_threads=p.torch_threads),
-                **_timeouts(cfg))
+                loads="loading the reward models", **_timeouts(cfg))
 
 
 def build_pools(cfg: Config, policy_path: str, terms: list):
@@ -139,22 +160,37 @@ def build_pools(cfg: Config, policy_path: str, terms: list):
     from rlsr_ray.plan import step_plan
 
     p, t = cfg.pools, cfg.train
-    # Every pool's actors are created before the first call to any of them, so all load at once
-    # (the learners' rendezvous waits for their constructors); the learners' setup then proceeds
-    # while the others finish loading.
-    learner = learner_pool(cfg, policy_path)
-    rollout = rollout_pool(cfg, policy_path)
-    reward = reward_pool(cfg, terms)
-    reference = Pool("reference", ReferenceActor, p.reference, dict(
-        policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=pool_device(p.reference),
-        torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
-        temperature=_temperature(cfg)), **_timeouts(cfg))
-    learner.get(start_setup(learner), "setup")
+    # Every pool's actors are created before the first call to any of them, so all load at once;
+    # the learners' setup then proceeds while the others finish loading. Whatever was built is
+    # shut down if any start-up step fails or times out: no actor outlives a failed start.
+    built: list = []
+    try:
+        learner = _built(built, learner_pool(cfg, policy_path))
+        rollout = _built(built, rollout_pool(cfg, policy_path))
+        reward = _built(built, reward_pool(cfg, terms))
+        reference = _built(built, Pool("reference", ReferenceActor, p.reference, dict(
+            policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=pool_device(p.reference),
+            torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
+            temperature=_temperature(cfg)), loads=f"loading the policy {policy_path}", **_timeouts(cfg)))
+        setup = start_setup(learner)
+        for pool in (rollout, reward, reference):
+            if isinstance(pool, Pool):  # (the reward service is a deployment, not a pool)
+                pool.wait_started()
+        finish_setup(learner, setup)
+    except BaseException:
+        for pool in reversed(built):
+            pool.shutdown()
+        raise
     pools = Pools(rollout, reward, reference, learner, route=weight_route(cfg),
                   defer_loads=cfg.algo.max_staleness >= 2)
     if pools.route is not None and pools.route.usable(learner, rollout):
         pools.route.open(learner, rollout)  # both start from the same policy: nothing to send yet
     return pools, step_plan(cfg)
+
+
+def _built(built: list, pool):
+    built.append(pool)
+    return pool
 
 
 def weight_route(cfg: Config):
