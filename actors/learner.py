@@ -26,8 +26,8 @@ from actors.comm_op import without_shm_op
 from actors.objectives import GRPO, SFT, Objective
 from rlsr_ray import batch
 from rlsr_ray.algo.loss import LossSettings
-from rlsr_ray.policy import (load_causal_lm, load_tokenizer, resolve_compute_dtype, response_logprobs, set_threads,
-                             state_dict_to_torch)
+from rlsr_ray.policy import (enable_checkpointing, load_causal_lm, load_tokenizer, resolve_compute_dtype,
+                             response_logprobs, set_threads, state_dict_to_torch)
 from rlsr_ray.selection import MinibatchParts
 from rlsr_ray.weight_group import RouteSettings, WeightGroup, tensor_specs
 
@@ -51,6 +51,11 @@ class LearnerSettings:
     # Adam's first step is lr * g / (|g| + eps), which turns rounding noise in near-zero gradients
     # into lr-sized differences.
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward
+    logprob_chunk_tokens: int = 0  # > 0: the LM head on this many tokens at a time (policy.forward_logprobs)
+    offload_optimizer: bool = False  # ZeRO >= 1: the optimizer's share in host memory
+    offload_params: bool = False  # ZeRO-3: the parameters' partitions in host memory too
+    attn_implementation: str = "auto"  # transformers' name; auto resolved on this device (policy.resolve_attention)
 
 
 def cuda_index(device: str) -> int:
@@ -82,6 +87,16 @@ def precision_config(cuda: bool, zero_stage: int, compute_dtype: str) -> dict:
     }
 
 
+def zero_config(s: LearnerSettings, cuda: bool) -> dict:
+    """DeepSpeed's zero_optimization section: the stage, and host-memory offload where asked."""
+    out: dict = {"stage": s.zero_stage}
+    if s.offload_optimizer:
+        out["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    if s.offload_params:
+        out["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -97,7 +112,9 @@ class LearnerActor:
         self.rank, self.world_size, self.device, self.s = rank, world_size, device, settings
         self.cache_dir = Path(cache_dir).expanduser()
         self.tok = load_tokenizer(policy_path)
-        self.model = load_causal_lm(policy_path, device)
+        self.model = load_causal_lm(policy_path, device, attn_implementation=settings.attn_implementation)
+        if settings.gradient_checkpointing:
+            enable_checkpointing(self.model)
         self.specs = tensor_specs(self.model.state_dict())  # before ZeRO-3 partitions the parameters
         self.route: WeightGroup | None = None  # rank 0's end of the weight route to the rollout actors
         self.engine = None
@@ -142,8 +159,11 @@ class LearnerActor:
             "gradient_accumulation_steps": s.micro_steps,
             "train_batch_size": s.micro_batch_size * s.micro_steps * self.world_size,
             "gradient_clipping": s.grad_clip,
-            "zero_optimization": {"stage": s.zero_stage},
+            "zero_optimization": zero_config(s, cuda),
             "zero_allow_untested_optimizer": True,
+            # The client torch AdamW also steps offloaded states (DeepSpeed would insist on its
+            # CPU Adam, a JIT-built extension).
+            "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 10**9,
             **precision_config(cuda, s.zero_stage, s.compute_dtype),
         }
@@ -309,7 +329,7 @@ class LearnerActor:
         return response_logprobs(model, table.column("prompt_ids").to_pylist(),
                                  table.column("response_ids").to_pylist(), self.tok.pad_token_id,
                                  self.s.temperature, self.s.compute_dtype, self.s.micro_batch_size, self.device,
-                                 len(self.tok))
+                                 len(self.tok), self.s.logprob_chunk_tokens)
 
     def export_weights(self) -> dict | None:
         """Full CPU state dict on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""

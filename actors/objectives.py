@@ -32,7 +32,8 @@ class Objective(Protocol):
 def _forward(learner: Any, t: pa.Table, temperature: float):
     pb = pad_batch(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist(),
                    learner.tok.pad_token_id, learner.device)
-    logp = forward_logprobs(learner.engine, pb, temperature, learner.s.compute_dtype, len(learner.tok))
+    logp = forward_logprobs(learner.engine, pb, temperature, learner.s.compute_dtype, len(learner.tok),
+                            learner.s.logprob_chunk_tokens)
     return pb, logp
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors import placement_watch
-from actors.waiting import report_times, waited
+from actors.waiting import Reports, report_times, waited
 from actors.membership import Membership, PoolEvent
 from rlsr_ray.cli import first_line
 from rlsr_ray.config import PoolConfig
@@ -87,6 +87,7 @@ class Pool:
         self.role, self.cfg, self.loads = role, cfg, loads
         self.startup_timeout_s = startup_timeout_s
         self._answered: set[str] = set()  # methods every actor has answered once: no longer start-up
+        self._starting: dict[int, Any] = {}  # rank -> ref of its constructor, until it has returned
         self.created_at = time.monotonic()
         self.members: Membership | None = None
         self._calls: dict[Any, _Call] = {}  # elastic pools: what each pending call was, to send it again
@@ -141,6 +142,10 @@ class Pool:
         self.actors = [remote_cls.options(**options(self.pg, rank, restarts)).remote(**kwargs, rank=rank)
                        for rank in range(cfg.num_actors)]
         self.created_at = time.monotonic()  # placed: the constructors' start-up time counts from here
+        # Calls queue behind the constructors; these say when each has returned, so a first call's
+        # wait can tell loading from working, and a constructor outlasting ray.startup_timeout_s
+        # ends the run whatever call waits on it.
+        self._starting = {rank: a.__ray_ready__.remote() for rank, a in enumerate(self.actors)}
 
     @property
     def size(self) -> int:
@@ -171,7 +176,7 @@ class Pool:
                     f"pool {self.role}: gave up after {so_far:.0f}s waiting for {len(need)} x {need[0]} "
                     f"(cluster total {ray.cluster_resources()}); raise ray.placement_timeout_s or add nodes")
             if so_far >= next_log:
-                log.info("pool %s: waiting %.0fs to be placed, %d x %s; available now %s (ray.placement_timeout_s=%.0f)",
+                log.info("pool %s: waiting %.0fs for %d x %s; available now %s (ray.placement_timeout_s=%.0f)",
                          self.role, so_far, len(need), need[0], ray.available_resources(), timeout_s)
                 next_log = next(reports)
 
@@ -219,23 +224,12 @@ class Pool:
         bound, key = (self.startup_timeout_s, "ray.startup_timeout_s") if startup else \
             (self.call_timeout_s, self.timeout_key)
         deadline = start + bound
-        doing = doing or ("" if what in self._answered else f"its first {what}")
-        reports = report_times() if doing else iter(())
-        next_report = start + next(reports, float("inf"))
+        reports = Reports(start, enabled=bool(doing) or what not in self._answered)
         values: list[Any] = [None] * len(results)
         index = {ref: i for i, ref in enumerate(results)}
         pending = list(results)
         while pending:
-            until = min(deadline, next_report)
-            ready, pending = placement_watch.wait(pending, timeout=max(0.0, until - time.monotonic()))
-            if not ready and time.monotonic() < deadline:
-                log.info("pool %s: waiting %s on %s for %s%s", self.role, waited(time.monotonic() - start),
-                         self._where(sorted(index[r] for r in pending)), what, f" ({doing})" if doing else "")
-                next_report = start + next(reports, float("inf"))
-                continue
-            if not ready:
-                raise PoolTimeout(f"pool {self.role}: {self._where(sorted(index[r] for r in pending))} did not "
-                                  f"finish {what}{f' ({doing})' if doing else ''} within {bound:.0f}s ({key})")
+            ready, pending = self._next_ready(pending, index, what, doing, deadline, (bound, key), reports)
             rank = index[ready[0]]
             try:
                 values[rank] = ray.get(ready[0])  # kept: rollout tables are not fetched twice
@@ -263,6 +257,43 @@ class Pool:
         self._answered.add(what)
         return [v for v in values if v is not _DROPPED]
 
+    def _next_ready(self, pending: list[Any], index: dict, what: str, doing: str, deadline: float,
+                    bound: tuple[float, str], reports: Reports) -> tuple[list[Any], list[Any]]:
+        """Wait for one of `pending`, writing the 'still waiting' lines as they fall due. PoolTimeout
+        at the call's deadline, or as soon as a constructor has outlasted ray.startup_timeout_s."""
+        while True:
+            now = time.monotonic()
+            self._check_started(now)
+            ranks = sorted(index[r] for r in pending)
+            if now >= reports.due:
+                label = doing or (f"{self.loads}, then its first {what}" if any(r in self._starting for r in ranks)
+                                  else f"its first {what}")
+                log.info("pool %s: waiting %s on %s for %s (%s)", self.role, waited(now - reports.start),
+                         self._where(ranks), what, label)
+                reports.advance()
+            until = min(deadline, reports.due, self.created_at + self.startup_timeout_s if self._starting
+                        else float("inf"))
+            ready, rest = placement_watch.wait(pending, timeout=max(0.0, until - now))
+            if ready:
+                return ready, rest
+            if time.monotonic() >= deadline:
+                raise PoolTimeout(f"pool {self.role}: {self._where(ranks)} did not finish {what}"
+                                  f"{f' ({doing})' if doing else ''} within {bound[0]:.0f}s ({bound[1]})")
+
+    def _check_started(self, now: float) -> None:
+        """Forget the constructors that have returned; PoolTimeout when one is late."""
+        if not self._starting:
+            return
+        import ray
+
+        refs = list(self._starting.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        done = set(ready)
+        self._starting = {r: ref for r, ref in self._starting.items() if ref not in done}
+        if self._starting and now >= self.created_at + self.startup_timeout_s:
+            raise PoolTimeout(f"pool {self.role}: {self._where(sorted(self._starting))} did not finish start "
+                              f"({self.loads}) within {self.startup_timeout_s:.0f}s (ray.startup_timeout_s)")
+
     def _where(self, ranks: list[int]) -> str:
         """'actor rank(s) [0, 1] on node(s) 10.0.0.5', for a wait's lines (nodes as far as known)."""
         where = f"actor rank(s) {ranks}"
@@ -280,10 +311,8 @@ class Pool:
         """Until every actor's constructor has returned (it loads models), at most
         ray.startup_timeout_s from the pool's placement; a constructor's error fails it at once.
         An elastic pool's actors join as they come (membership.py) and are not waited for here."""
-        if not self.remote or self.members is not None:
-            return
-        self.get([a.__ray_ready__.remote() for a in self.actors], "start", self.created_at, self.loads,
-                 startup=True)
+        if self._starting:
+            self.get(list(self._starting.values()), "start", self.created_at, self.loads, startup=True)
 
     def _task_error(self, results: list[Any], failed: Any, what: str, error: BaseException) -> None:
         """A collective torn by a peer's death reaches the survivors as a task error, often before

@@ -12,11 +12,16 @@ from rlsr_ray.selection import Piece, gather
 
 class ReferenceActor:
     def __init__(self, policy_path: str, compute_dtype: str = "float32", device: str = "cpu",
-                 torch_threads: int = 1, micro_batch_size: int = 8, temperature: float = 1.0, rank: int = 0):
+                 torch_threads: int = 1, micro_batch_size: int = 8, temperature: float = 1.0, rank: int = 0,
+                 logprob_chunk_tokens: int = 0, attn_implementation: str = "auto"):
         set_threads(torch_threads)
         self.rank, self.device, self.compute_dtype = rank, device, resolve_compute_dtype(compute_dtype, device)
         self.micro_batch_size, self.temperature = micro_batch_size, temperature
-        self.model = load_causal_lm(policy_path, device).eval()
+        self.chunk_tokens = logprob_chunk_tokens
+        # A frozen policy needs no float32 master weights: bf16 on CUDA where it computes in bf16
+        # (a 32B reference is 65 GB so, 131 GB in float32). CPU keeps float32 weights under autocast.
+        weights = "bfloat16" if device.startswith("cuda") and self.compute_dtype == "bfloat16" else "float32"
+        self.model = load_causal_lm(policy_path, device, weights, attn_implementation=attn_implementation).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         tok = load_tokenizer(policy_path)
@@ -29,6 +34,7 @@ class ReferenceActor:
         lps = response_logprobs(
             self.model, rollouts.column("prompt_ids").to_pylist(), rollouts.column("response_ids").to_pylist(),
             self.pad_id, self.temperature, self.compute_dtype, self.micro_batch_size, self.device, self.vocab_size,
+            self.chunk_tokens,
         )
         table = pa.table({
             "group_id": rollouts.column("group_id"), "sample_idx": rollouts.column("sample_idx"),

@@ -14,7 +14,8 @@ from rlsr_ray.policy import load_tokenizer, resolve_compute_dtype, set_threads
 class RolloutActor:
     def __init__(self, policy_path: str, backend: str = "transformers", compute_dtype: str = "float32",
                  device: str = "cpu", torch_threads: int = 1, generate_batch_size: int = 16,
-                 vllm_gpu_memory_utilization: float = 0.85, rank: int = 0, seed: int = 0):
+                 vllm_gpu_memory_utilization: float = 0.85, rank: int = 0, seed: int = 0,
+                 vllm_tensor_parallel_size: int = 1, max_model_len: int | None = None):
         set_threads(torch_threads)
         self.rank = rank
         compute_dtype = resolve_compute_dtype(compute_dtype, device)
@@ -28,7 +29,8 @@ class RolloutActor:
             # same numbers for its i-th unseeded request (vLLM's default seed is 0 on every engine).
             self.backend = VLLMBackend(policy_path, {self.tok.eos_token_id}, compute_dtype,
                                        vllm_gpu_memory_utilization, vocab_size=len(self.tok),
-                                       seed=mixed_seed(seed, rank))
+                                       seed=mixed_seed(seed, rank), tensor_parallel_size=vllm_tensor_parallel_size,
+                                       max_model_len=max_model_len)
         else:
             from actors.hf_backend import TransformersBackend
 
@@ -75,7 +77,8 @@ class RolloutActor:
         return self.backend.weight_dtype
 
     def join_weight_route(self, address: str, settings, specs: list, route_rank: int) -> None:
-        """route_rank: 1 + this actor's place in the pool now (an elastic pool's ranks have gaps)."""
+        """route_rank: this actor's first rank in the route (WeightRoute.open: an actor takes one
+        rank per tensor-parallel shard of its engine)."""
         self.backend.join_route(address, route_rank, settings, specs)
 
     def in_weight_route(self) -> bool:

@@ -22,12 +22,18 @@ VOCAB_MASK_ARG = "rlsr_token_limit"
 
 
 def engine_kwargs(policy_path: str, compute_dtype: str, gpu_memory_utilization: float, seed: int,
-                  mask_padded_vocab: bool = False) -> dict[str, Any]:
+                  mask_padded_vocab: bool = False, tensor_parallel_size: int = 1,
+                  max_model_len: int | None = None) -> dict[str, Any]:
     """`vllm.LLM` arguments. `seed` is the engine's: it drives only requests that bring no seed
-    of their own, and rlsr_ray's always bring one (sampling_kwargs)."""
+    of their own, and rlsr_ray's always bring one (sampling_kwargs).
+    `max_model_len`: prompt + answer limit; without it vLLM sizes for the model's whole context
+    (32k-128k), and refuses to start where one such sequence's KV cache does not fit.
+    `tensor_parallel_size` > 1: the engine shards the policy over that many GPUs of this actor, in
+    worker processes of its own (the "mp" executor: the actor's placement already holds the GPUs,
+    so vLLM must not ask Ray for placement of its own)."""
     kwargs: dict[str, Any] = dict(
         model=policy_path, dtype=compute_dtype, gpu_memory_utilization=gpu_memory_utilization,
-        seed=seed, enable_prefix_caching=True,
+        seed=seed, enable_prefix_caching=True, tensor_parallel_size=tensor_parallel_size,
         # Log-probs after temperature scaling, matching what the learner computes (top_p < 1 also
         # renormalises them, which config.validate only allows when the learners recompute them).
         logprobs_mode="processed_logprobs",
@@ -39,6 +45,10 @@ def engine_kwargs(policy_path: str, compute_dtype: str, gpu_memory_utilization: 
     )
     if mask_padded_vocab:
         kwargs["logits_processors"] = [VOCAB_MASK]
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "mp"
     return kwargs
 
 
@@ -101,9 +111,12 @@ class WeightLoaderExtension:
     for the object-store fallback, from a safetensors file the actor wrote."""
 
     def rlsr_join_route(self, address: str, rank: int, settings: list, specs: list) -> None:
+        """rank: the engine's first rank in the route; each tensor-parallel worker takes the next
+        (its engine rank, vLLM's `self.rank`). Every shard receives the full tensors and its
+        model's load_weights keeps its own slice, as when it loads a checkpoint."""
         from rlsr_ray.weight_group import RouteSettings, WeightGroup
 
-        self.rlsr_route = WeightGroup(address, rank, RouteSettings(*settings))
+        self.rlsr_route = WeightGroup(address, rank + int(getattr(self, "rank", 0)), RouteSettings(*settings))
         self.rlsr_specs = specs_from_rpc(specs)
 
     def rlsr_receive_weights(self) -> None:
@@ -130,7 +143,7 @@ def use_v2_runner(environ: dict) -> None:
 
 class VLLMBackend:
     def __init__(self, policy_path: str, eos_ids: set[int], compute_dtype: str, gpu_memory_utilization: float,
-                 vocab_size: int, seed: int = 0):
+                 vocab_size: int, seed: int = 0, tensor_parallel_size: int = 1, max_model_len: int | None = None):
         from transformers import AutoConfig
         from vllm import LLM  # imported here: the package exists only on CUDA machines
 
@@ -140,8 +153,10 @@ class VLLMBackend:
             use_v2_runner(os.environ)
         self.eos_ids, self.compute_dtype = eos_ids, compute_dtype
         self.joined = False  # whether the engine's worker holds an end of the weight route
+        self.route_members = tensor_parallel_size  # weight-route ranks this engine takes
         self.llm = LLM(**engine_kwargs(policy_path, compute_dtype, gpu_memory_utilization, seed,
-                                       mask_padded_vocab=self.token_limit is not None))
+                                       mask_padded_vocab=self.token_limit is not None,
+                                       tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len))
         # The engine runs in child processes: they must die with this actor, or a restarted actor
         # finds the GPU still full (actors/reaper.py).
         self.reaper = reap_with_this_process(child_pids())

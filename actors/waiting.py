@@ -26,3 +26,16 @@ def waited(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Reports:
+    """The 'still waiting' schedule of one wait that began at `start` (time.monotonic()): `due` is
+    when the next line is; advance() after writing one. Disabled: never due."""
+
+    def __init__(self, start: float, enabled: bool = True, first_s: float = FIRST_S):
+        self._times = report_times(first_s) if enabled else iter(())
+        self.start = start
+        self.due = start + next(self._times, float("inf"))
+
+    def advance(self) -> None:
+        self.due = self.start + next(self._times, float("inf"))

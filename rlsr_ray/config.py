@@ -32,6 +32,10 @@ class ModelConfig:
     # emulate bf16 about 20x slower than float32), decided by each actor on its own hardware.
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     cache_dir: str = "~/.cache/rlsr_ray"
+    # Attention kernel of the learner and reference (transformers' attn_implementation; the
+    # transformers rollout keeps sdpa, vLLM its own). "auto": flash_attention_2 on CUDA where the
+    # flash-attn package is installed, else sdpa (PyTorch's fused attention, on CPU too).
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ class RolloutConfig:
     top_p: float = 1.0
     generate_batch_size: int = 64  # sequences per generate() call on one actor
     vllm_gpu_memory_utilization: float = 0.85
+    # GPUs one vLLM engine shards the policy over (its tensor_parallel_size); each rollout actor
+    # then holds this many GPUs (pools.rollout.num_gpus), and the weight route reaches every shard.
+    vllm_tensor_parallel_size: int = 1
     # How learner weights reach the rollout actors after each step. "group": broadcast from learner
     # rank 0 over a process group of their own (gloo; NCCL when both pools are on CUDA), in
     # buckets of weight_bucket_mb, the driver sending only the version; "object_store": rank 0
@@ -123,6 +130,17 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     # "sgd": plain SGD, an update linear in the gradient (layout-equivalence checks, ablations).
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    # Recompute each decoder layer in backward instead of keeping its activations (transformers'
+    # gradient checkpointing, non-reentrant): a layer's input is all that is kept per layer.
+    gradient_checkpointing: bool = False
+    # > 0: learner and reference apply the LM head to this many response tokens at a time, each
+    # chunk recomputed in backward, so no [B, T, vocabulary] tensor is ever whole (its working set
+    # is this many tokens x vocabulary, whatever the answer length); 0: the whole batch at once.
+    logprob_chunk_tokens: int = 0
+    # ZeRO-3 offload to host memory (DeepSpeed's offload_optimizer / offload_param, device cpu):
+    # the optimizer's share, and with it the parameters' partitions, leave the GPU.
+    offload_optimizer: bool = False
+    offload_params: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,9 @@ class PoolConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     accelerator_type: Optional[str] = None  # e.g. "A100", "L4": Ray's accelerator_type label
+    # Memory of one of this pool's devices, for the memory plan (rlsr_ray/memory_plan.py); None:
+    # from accelerator_type's table entry, and no plan check where that is not known either.
+    device_memory_gb: Optional[float] = None
     resources: dict[str, float] = field(default_factory=dict)  # custom node resources
     torch_threads: int = 1
     max_restarts: int = 0
@@ -355,6 +376,12 @@ def validate(cfg: Config) -> None:
     )
     need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1", t.micro_batch_size)
     need(t.lr > 0, "train.lr", "must be > 0", t.lr)
+    need(not t.offload_optimizer or t.zero_stage >= 1, "train.offload_optimizer", "needs train.zero_stage >= 1",
+         t.offload_optimizer)
+    need(not t.offload_params or t.zero_stage == 3, "train.offload_params", "needs train.zero_stage=3",
+         t.offload_params)
+    need(t.logprob_chunk_tokens >= 0, "train.logprob_chunk_tokens", "must be >= 0 (0: no chunks)",
+         t.logprob_chunk_tokens)
     need(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", a.kl_coef)
     need(0 < a.clip_eps < 1, "algo.clip_eps", "must be in (0, 1)", a.clip_eps)
     need(0 <= a.lcs_min_fraction <= 1, "algo.lcs_min_fraction", "must be in [0, 1]", a.lcs_min_fraction)
@@ -427,6 +454,11 @@ def _validate_vllm(cfg: Config, need) -> None:
     """vLLM's own limits, refused here rather than by the engine at the first generate."""
     r, a = cfg.rollout, cfg.algo
     need(cfg.pools.rollout.num_gpus > 0, "pools.rollout.num_gpus", "the vllm backend needs GPUs", 0)
+    tp = r.vllm_tensor_parallel_size
+    need(tp >= 1, "rollout.vllm_tensor_parallel_size", "must be >= 1", tp)
+    need(tp == 1 or cfg.pools.rollout.num_gpus == tp, "pools.rollout.num_gpus",
+         f"a rollout actor holds one GPU per tensor-parallel shard: rollout.vllm_tensor_parallel_size={tp}",
+         cfg.pools.rollout.num_gpus)
     need(sys.version_info >= (3, 11), "rollout.backend", "vLLM 0.33 needs Python >= 3.11, this is "
          f"{sys.version_info.major}.{sys.version_info.minor}", r.backend)
     need(r.temperature <= 2, "rollout.temperature", "the vllm backend allows [0, 2]", r.temperature)

@@ -15,16 +15,39 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from rlsr_ray.algo.chunked_logprobs import chunked_token_logprobs
 from rlsr_ray.algo.loss import token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_causal_lm(path: str, device: str = "cpu", weights_dtype: str = "float32"):
+def resolve_attention(requested: str, device: str) -> str:
+    """`auto` -> flash_attention_2 on CUDA where the flash-attn package is installed, else sdpa."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_causal_lm(path: str, device: str = "cpu", weights_dtype: str = "float32", attn_implementation: str = "auto"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[weights_dtype])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[weights_dtype],
+                                                 attn_implementation=resolve_attention(attn_implementation, device))
     return model.to(device)
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant: it works with inputs that need no
+    grad and under ZeRO-3's parameter hooks). transformers 5.21 renamed the call; the vllm set
+    pins 5.20, which has only the old name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_tokenizer(path: str):
@@ -101,14 +124,20 @@ def pad_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int
 
 
 def forward_logprobs(model, batch: PaddedBatch, temperature: float, compute_dtype: str,
-                     vocab_size: int | None = None) -> torch.Tensor:
+                     vocab_size: int | None = None, chunk_tokens: int = 0) -> torch.Tensor:
     """log pi(response token) for every response position -> [B, T] float32 (graph kept).
 
+    `model`: a transformers causal LM, or a DeepSpeed engine around one (called through the
+    engine, so its ZeRO-3 gathering and autocast apply).
     `vocab_size`: the tokenizer's; logits beyond it (a vocabulary padded for the kernels, e.g.
     Qwen2.5's 151,936 logits for 151,665 tokens) are no token and out of pi's support, as they
-    are out of the rollout's sampling."""
+    are out of the rollout's sampling.
+    `chunk_tokens` > 0: the LM head runs on that many response tokens at a time, each chunk
+    recomputed in backward (algo/chunked_logprobs.py), so no [B, T, V] tensor is ever whole."""
     device = batch.input_ids.device
     T = batch.response_ids.shape[1]
+    if chunk_tokens > 0:
+        return _chunked_forward_logprobs(model, batch, temperature, compute_dtype, vocab_size, chunk_tokens)
     with autocast(str(device), compute_dtype):
         # Only the last T + 1 positions reach the LM head (49k-wide for SmolLM2): prompt positions
         # predict nothing we score, and skipping them saves a fifth of the forward pass.
@@ -118,15 +147,37 @@ def forward_logprobs(model, batch: PaddedBatch, temperature: float, compute_dtyp
     return token_logprobs(logits, batch.response_ids, temperature) * batch.response_mask
 
 
+def _chunked_forward_logprobs(model, batch: PaddedBatch, temperature: float, compute_dtype: str,
+                              vocab_size: int | None, chunk_tokens: int) -> torch.Tensor:
+    """forward_logprobs with the LM head in chunks: the model's own forward runs (through the
+    engine, if any) with one position's logits, the decoder's final hidden states are taken with
+    a forward hook, and the head is applied to them chunk by chunk."""
+    hf = getattr(model, "module", model)  # the transformers model inside a DeepSpeed engine
+    P, T = batch.prompt_width, batch.response_ids.shape[1]
+    seen: list[torch.Tensor] = []
+    hook = hf.base_model.register_forward_hook(lambda _m, _args, out: seen.append(out[0]))
+    try:
+        with autocast(str(batch.input_ids.device), compute_dtype):
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False, logits_to_keep=1)
+            hidden = seen[-1][:, P - 1:P + T - 1]  # [B, T, H]: position P-1+j predicts response token j
+            return chunked_token_logprobs(hidden, hf.get_output_embeddings(), batch.response_ids,
+                                          batch.response_mask, temperature, chunk_tokens, vocab_size,
+                                          getattr(hf.config, "final_logit_softcapping", None))
+    finally:
+        hook.remove()
+
+
 @torch.no_grad()
 def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                       pad_id: int, temperature: float, compute_dtype: str, micro_batch: int,
-                      device: str = "cpu", vocab_size: int | None = None) -> list[np.ndarray]:
+                      device: str = "cpu", vocab_size: int | None = None,
+                      chunk_tokens: int = 0) -> list[np.ndarray]:
     """Per-row float32 arrays of response-token log-probs, computed in micro-batches."""
     out: list[np.ndarray] = []
     for s in range(0, len(prompts), micro_batch):
         b = pad_batch(prompts[s:s + micro_batch], responses[s:s + micro_batch], pad_id, device)
-        lp = forward_logprobs(model, b, temperature, compute_dtype, vocab_size).float().cpu().numpy()
+        lp = forward_logprobs(model, b, temperature, compute_dtype, vocab_size, chunk_tokens).float().cpu().numpy()
         out.extend(lp[i, :len(r)].astype(np.float32) for i, r in enumerate(responses[s:s + micro_batch]))
     return out
 

@@ -156,6 +156,30 @@ def test_learner_update_invariant_to_micro_batching(tiny_policy, prompts, reward
     assert_same_update(*deltas)
 
 
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_checkpointing_and_chunked_logprobs_give_the_same_update(tiny_policy, prompts, reward, rollout, zero_stage):
+    """The memory features change what is kept for backward, not the gradient: gradient
+    checkpointing recomputes the same layers, chunked log-probs block the same sums differently
+    (rounding only). Under ZeRO-3 too, whose parameter hooks see the LM head called chunk by
+    chunk and again in backward."""
+    train = _train_table(tiny_policy, rollout, reward, prompts)
+    norm = float(sum(len(x) for x in train.column("response_ids").to_pylist()))
+    plain = _update(learner(tiny_policy, settings(micro_batch_size=8, micro_steps=2, lr=1.0, optimizer="sgd")),
+                    [train], [norm])
+    lean = _update(learner(tiny_policy, settings(micro_batch_size=8, micro_steps=2, lr=1.0, optimizer="sgd",
+                                                 zero_stage=zero_stage, gradient_checkpointing=True,
+                                                 logprob_chunk_tokens=5)), [train], [norm])
+    assert_same_update(plain, lean)
+
+
+def test_the_reference_scores_alike_in_chunks(tiny_policy, prompts, rollout):
+    rows = rollout.generate(prompts, SPEC)
+    whole, chunked = (ReferenceActor(tiny_policy, logprob_chunk_tokens=k).logprobs(rows) for k in (0, 7))
+    # Rounding only, as between the roles in test_logprobs_agree_at_step_zero (float32: far below 2e-4).
+    np.testing.assert_allclose(np.concatenate(chunked.column("ref_logprobs").to_pylist()),
+                               np.concatenate(whole.column("ref_logprobs").to_pylist()), atol=2e-4)
+
+
 def _with_logprobs(table: pa.Table, column: str, values: list) -> pa.Table:
     idx = table.schema.get_field_index(column)
     return table.set_column(idx, batch.TRAIN.field(column), pa.array([list(map(float, v)) for v in values],

@@ -15,7 +15,8 @@ from rlsr_ray.plan import ROLES, bundle
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
 SCHEMA = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
-PRESET_CLUSTER = {"gpu_a100": "a100.yaml", "gpu_hetero": "heterogeneous.yaml"}
+PRESET_CLUSTER = {"gpu_a100": "a100.yaml", "gpu_hetero": "heterogeneous.yaml", "paper_qwen7b": "p5.yaml",
+                  "paper_llama8b": "p5.yaml", "paper_qwen32b": "p5.yaml"}
 
 
 @pytest.mark.parametrize("path", sorted(CLUSTERS.glob("*.yaml")), ids=lambda p: p.name)

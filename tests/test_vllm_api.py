@@ -48,6 +48,17 @@ def test_engine_args_accept_every_argument_the_backend_passes(tiny_policy):
         assert args.logits_processors == ([vb.VOCAB_MASK] if mask else None)
 
 
+def test_engine_args_take_tensor_parallel_shards_and_the_run_s_sequence_limit(tiny_policy):
+    """A 32B policy on 80 GB cards: four shards in the actor's own worker processes, and the KV
+    cache sized for prompt + answer rather than the model's whole context."""
+    args = EngineArgs(**vb.engine_kwargs(tiny_policy, "bfloat16", 0.85, seed=1, tensor_parallel_size=4,
+                                         max_model_len=4096))
+    assert args.tensor_parallel_size == 4 and args.max_model_len == 4096
+    assert args.distributed_executor_backend == "mp"
+    one = EngineArgs(**vb.engine_kwargs(tiny_policy, "bfloat16", 0.85, seed=1))
+    assert one.tensor_parallel_size == 1 and one.distributed_executor_backend is None
+
+
 def test_sampling_params_for_a_padded_vocabulary_construct_and_stay_within_vllms_limits():
     sp = SamplingParams(**vb.sampling_kwargs(SPEC, token_limit=QWEN_TOKENS, seed=5))
     assert sp.n == 8 and sp.logprobs == 0 and sp.seed == 5
@@ -197,6 +208,10 @@ def test_weight_rpcs_cross_vllms_encoding_into_the_mixed_in_extension(monkeypatc
     assert wrapper.worker.rlsr_specs == specs
     _rpc(wrapper, "rlsr_close_route", ())
     assert wrapper.worker.rlsr_route is None
+    # A tensor-parallel shard joins at the engine's first rank plus its own (vLLM's Worker.rank).
+    wrapper.worker.rank = 3
+    _rpc(wrapper, "rlsr_join_route", ("tcp://10.0.0.1:1234", 5, settings.to_list(), vb.specs_to_rpc(specs)))
+    assert joined["rank"] == 8
 
 
 class StandInLLM:  # the engine needs CUDA; its client's failure path is vLLM's own

@@ -17,6 +17,9 @@ def learner_settings(cfg: Config, lr: float, micro_steps: int):
         loss=LossSettings(a.clip_eps, a.kl_coef, a.kl_estimator, a.loss_aggregation),
         temperature=_temperature(cfg), compute_dtype=cfg.model.compute_dtype,
         recompute_old_logprobs=a.recompute_old_logprobs, seed=cfg.run.seed, optimizer=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing, logprob_chunk_tokens=t.logprob_chunk_tokens,
+        offload_optimizer=t.offload_optimizer, offload_params=t.offload_params,
+        attn_implementation=cfg.model.attn_implementation,
     )
 
 
@@ -134,7 +137,9 @@ def rollout_pool(cfg: Config, policy_path: str):
     return Pool("rollout", RolloutActor, p, dict(
         policy_path=policy_path, backend=r.backend, compute_dtype=cfg.model.compute_dtype,
         device=pool_device(p), torch_threads=p.torch_threads, generate_batch_size=r.generate_batch_size,
-        vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization, seed=cfg.run.seed),
+        vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization, seed=cfg.run.seed,
+        vllm_tensor_parallel_size=r.vllm_tensor_parallel_size,
+        max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens),
         loads=f"loading the policy {policy_path} ({r.backend})", **_timeouts(cfg))
 
 
@@ -171,12 +176,11 @@ def build_pools(cfg: Config, policy_path: str, terms: list):
         reference = _built(built, Pool("reference", ReferenceActor, p.reference, dict(
             policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=pool_device(p.reference),
             torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
-            temperature=_temperature(cfg)), loads=f"loading the policy {policy_path}", **_timeouts(cfg)))
-        setup = start_setup(learner)
-        for pool in (rollout, reward, reference):
-            if isinstance(pool, Pool):  # (the reward service is a deployment, not a pool)
-                pool.wait_started()
-        finish_setup(learner, setup)
+            temperature=_temperature(cfg), logprob_chunk_tokens=t.logprob_chunk_tokens,
+            attn_implementation=cfg.model.attn_implementation), loads=f"loading the policy {policy_path}", **_timeouts(cfg)))
+        # The other pools go on loading meanwhile: their first calls wait on their constructors,
+        # bounded by ray.startup_timeout_s from placement (Pool._check_started).
+        finish_setup(learner, start_setup(learner))
     except BaseException:
         for pool in reversed(built):
             pool.shutdown()
@@ -202,4 +206,5 @@ def weight_route(cfg: Config):
     backend = r.weight_sync_backend
     if backend == "auto":
         backend = "nccl" if pool_device(p.learner) == "cuda" and pool_device(p.rollout) == "cuda" else "gloo"
-    return WeightRoute(backend, int(r.weight_bucket_mb * 1e6), r.weight_sync_timeout_s)
+    shards = r.vllm_tensor_parallel_size if r.backend == "vllm" else 1
+    return WeightRoute(backend, int(r.weight_bucket_mb * 1e6), r.weight_sync_timeout_s, shards)

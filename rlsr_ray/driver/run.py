@@ -48,7 +48,7 @@ def prepare_data(cfg: Config, policy_path: str):
 
 def run(cfg: Config) -> dict[str, Any]:
     """Run a whole job; returns the summary also written to output_dir/summary.json."""
-    from rlsr_ray import checkpoint, data
+    from rlsr_ray import checkpoint, data, memory_plan
     from rlsr_ray.driver import trainer
     from rlsr_ray.driver.heldout import heldout_similarity, paired_delta
     from rlsr_ray.models import resolve_policy, resolve_reward_terms
@@ -60,6 +60,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # Every input is checked before anything is written or started: bad input leaves no trace.
     policy_path = resolve_policy(cfg.model.policy, cfg.model.cache_dir)
+    memory_plan.check(cfg, policy_path)  # a pool over its device's memory is refused before anything starts
     reward_terms = resolve_reward_terms(cfg)
     train_tok, heldout_tok = prepare_data(cfg, policy_path)
     log.info("data: %d training prompts, %d held out (%d truncated, %d dropped)", len(train_tok.prompt_ids),
@@ -144,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     from rlsr_ray.algo.terms import RewardTermError
     from rlsr_ray.checkpoint import CheckpointError
     from rlsr_ray.data import DataError
+    from rlsr_ray.memory_plan import PlanError
     from rlsr_ray.models import ModelError
 
     try:
         summary = run(cfg)
-    except (DataError, ModelError, CheckpointError, RewardTermError) as e:
+    except (DataError, ModelError, CheckpointError, RewardTermError, PlanError) as e:
         print(f"rlsr_ray: error: {error_line(e)}", file=sys.stderr)
         return 2
     except PoolTimeout as e:

@@ -29,6 +29,7 @@ class WeightRoute:
     backend: str  # "gloo" or "nccl"
     bucket_bytes: int
     timeout_s: float
+    shards: int = 1  # route ranks per rollout actor: its engine's tensor-parallel workers
     opened_for: Any = None  # (learner pool, rollout actors) the open route connects
     failed_for: Any = None  # the members an opening failed for: not tried again for the same ones
 
@@ -52,11 +53,13 @@ class WeightRoute:
         dtypes = set(rollout.call("weight_dtype", [()] * rollout.size))
         if len(dtypes) != 1:
             raise RuntimeError(f"pool rollout: actors hold weights in different dtypes {sorted(dtypes)}")
-        settings = RouteSettings(1 + rollout.size, self.backend, dtypes.pop(), self.bucket_bytes, self.timeout_s)
+        settings = RouteSettings(1 + rollout.size * self.shards, self.backend, dtypes.pop(), self.bucket_bytes,
+                                 self.timeout_s)
         opening = learner.submit("open_weight_route", [(address, settings)] * learner.size)
         failure = None
         try:
-            rollout.call("join_weight_route", [(address, settings, specs, 1 + i) for i in range(rollout.size)])
+            rollout.call("join_weight_route", [(address, settings, specs, 1 + i * self.shards)
+                                               for i in range(rollout.size)])
         except Exception as e:  # noqa: BLE001 - a rollout actor died or timed out while the group formed
             failure = e
         try:  # rank 0 waits for the whole group: without one member it times out (timeout_s)
