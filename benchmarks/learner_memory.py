@@ -3,9 +3,9 @@
 Each configuration runs in a fresh process through the pool classes (actors/pool.py with the role
 in-process: LearnerActor.train_step, ReferenceActor.logprobs), SmolLM2-135M-Instruct in float32,
 one micro-batch of `--rows` sequences of `--prompt` prompt tokens and answers of T tokens (the
-second row's answer a quarter shorter, so rows are padded as in a real batch). The learner first
-takes one small step, which allocates AdamW's moments; then the kernel's peak-RSS mark is reset
-(/proc/self/clear_refs) and the measured call runs. `peak_bytes` is the peak RSS above the RSS
+second row's answer a quarter shorter, so rows are padded as in a real batch). Each role first
+makes one small call (the learner's allocates AdamW's moments, and both set up their kernels);
+then the kernel's peak-RSS mark is reset (/proc/self/clear_refs) and the measured call runs. `peak_bytes` is the peak RSS above the RSS
 before the call; `predicted_bytes` is rlsr_ray.memory's figure for the same call (activations,
 plus the gradients a ZeRO-0 step allocates afresh). glibc's mmap threshold is fixed at 64 KiB
 (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the RSS at once and the peak RSS is the peak of
@@ -60,6 +60,7 @@ def measure(role: str, rows: int, prompt: int, answer: int, features: list[str])
     import torch
 
     from actors.pool import Pool
+    from rlsr_ray import batch
     from rlsr_ray.config import PoolConfig
     from rlsr_ray.memory import Batch, ModelShape, learner_activation_bytes, reference_activation_bytes, state_bytes
     from rlsr_ray.models import resolve_policy
@@ -69,7 +70,7 @@ def measure(role: str, rows: int, prompt: int, answer: int, features: list[str])
     ckpt, chunk = "gradient_checkpointing" in features, CHUNK if "chunked_logprobs" in features else 0
     table = _table(rows, prompt, answer)
     shape = ModelShape.from_config(json.load(open(os.path.join(path, "config.json"))))
-    m = Batch(rows, prompt + answer, answer)
+    m = Batch(rows, prompt + answer, answer, padded=rows > 1)
     if role == "learner":
         from actors.learner import LearnerActor
         from rlsr_ray.algo.loss import LossSettings
@@ -94,7 +95,8 @@ def measure(role: str, rows: int, prompt: int, answer: int, features: list[str])
 
         pool = Pool("reference", ReferenceActor, PoolConfig(num_actors=0),
                     dict(policy_path=path, micro_batch_size=rows, logprob_chunk_tokens=chunk))
-        call = ("logprobs", [(table,)])
+        pool.call("logprobs", [(_table(rows, 8, 8).select(batch.ROLLOUTS.names),)])  # one-time set-up, as above
+        call = ("logprobs", [(table.select(batch.ROLLOUTS.names),)])
         predicted = reference_activation_bytes(shape, m, 4, chunk_tokens=chunk)["total"]
         grads = fresh = 0
     with open("/proc/self/clear_refs", "w") as f:

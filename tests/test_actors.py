@@ -156,19 +156,21 @@ def test_learner_update_invariant_to_micro_batching(tiny_policy, prompts, reward
     assert_same_update(*deltas)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
-def test_checkpointing_and_chunked_logprobs_give_the_same_update(tiny_policy, prompts, reward, rollout, zero_stage):
+@pytest.mark.parametrize("zero_stage, offload", [(0, False), (3, False), (3, True)])
+def test_checkpointing_and_chunked_logprobs_give_the_same_update(tiny_policy, prompts, reward, rollout, zero_stage,
+                                                                 offload):
     """The memory features change what is kept for backward, not the gradient: gradient
     checkpointing recomputes the same layers, chunked log-probs block the same sums differently
     (rounding only). Under ZeRO-3 too, whose parameter hooks see the LM head called chunk by
-    chunk and again in backward."""
+    chunk and again in backward, and with its parameters and optimizer offloaded to host memory."""
     train = _train_table(tiny_policy, rollout, reward, prompts)
     norm = float(sum(len(x) for x in train.column("response_ids").to_pylist()))
     plain = _update(learner(tiny_policy, settings(micro_batch_size=8, micro_steps=2, lr=1.0, optimizer="sgd")),
                     [train], [norm])
     lean = _update(learner(tiny_policy, settings(micro_batch_size=8, micro_steps=2, lr=1.0, optimizer="sgd",
                                                  zero_stage=zero_stage, gradient_checkpointing=True,
-                                                 logprob_chunk_tokens=5)), [train], [norm])
+                                                 logprob_chunk_tokens=5, offload_optimizer=offload,
+                                                 offload_params=offload)), [train], [norm])
     assert_same_update(plain, lean)
 
 

@@ -47,6 +47,13 @@ def test_overrides_apply_with_types():
      "k >= 2 overlaps only"),  # auto on CUDA: the route
     (["--pools.reward.call_timeout_s=0"], "pools.reward.call_timeout_s: 0.0 is out of range; must be > 0"),
     (["--eval.judge_retries=-1"], "eval.judge_retries"),
+    (["--ray.startup_timeout_s=0"], "ray.startup_timeout_s: 0.0 is out of range; must be > 0"),
+    (["--train.logprob_chunk_tokens=-1"], "train.logprob_chunk_tokens: -1 is out of range"),
+    (["--train.offload_params=true"], "train.offload_params: True is out of range; needs train.zero_stage=3"),
+    (["--train.offload_optimizer=true"], "train.offload_optimizer: True is out of range; needs train.zero_stage >= 1"),
+    (["--rollout.backend=vllm", "--pools.rollout.num_gpus=1", "--rollout.vllm_tensor_parallel_size=2"],
+     "pools.rollout.num_gpus: 1.0 is out of range; a rollout actor holds one GPU per tensor-parallel shard"),
+    (["--model.attn_implementation=flash"], "model.attn_implementation: 'flash' is not allowed"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")) as e:
