@@ -28,6 +28,7 @@ from rlsr_ray import batch
 from rlsr_ray.algo.loss import LossSettings
 from rlsr_ray.policy import (enable_checkpointing, load_causal_lm, load_tokenizer, resolve_compute_dtype,
                              response_logprobs, set_threads, state_dict_to_torch)
+from rlsr_ray.micro_batches import micro_batches, padded_tokens
 from rlsr_ray.selection import MinibatchParts
 from rlsr_ray.weight_group import RouteSettings, WeightGroup, tensor_specs
 
@@ -52,6 +53,9 @@ class LearnerSettings:
     # into lr-sized differences.
     optimizer: Literal["adamw", "sgd"] = "adamw"
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward
+    # > 0: micro-batches packed by padded tokens (rlsr_ray/micro_batches.py), at most
+    # micro_batch_size rows each; the group makes as many passes as its busiest rank.
+    max_tokens_per_micro_batch: int = 0
     logprob_chunk_tokens: int = 0  # > 0: the LM head on this many tokens at a time (policy.forward_logprobs)
     offload_optimizer: bool = False  # ZeRO >= 1: the optimizer's share in host memory
     offload_params: bool = False  # ZeRO-3: the parameters' partitions in host memory too
@@ -212,7 +216,7 @@ class LearnerActor:
         `micro_steps[i]` forward/backward passes on mini-batch i, so the gradient collectives stay
         matched; a learner short of rows repeats its first micro-batch at zero weight."""
         eng, s = self.engine, self.s
-        keys = (*objective.stat_keys, "grad_norm", "skipped")
+        keys = (*objective.stat_keys, "grad_norm", "skipped", "padding_tokens", "micro_batches")
         totals: dict = {k: 0.0 for k in keys}
         reasons = []
         minibatches = [batch.check(t, objective.schema, f"learner[{self.rank}] input") for t in minibatches]
@@ -223,17 +227,25 @@ class LearnerActor:
             micro_steps = [s.micro_steps] * len(minibatches)
         for table, context, norm, passes in zip(minibatches, contexts, normalisers, micro_steps):
             eng.train()  # after scoring, which switches the module to eval
-            rows = len(table)
-            chunks = [(a, min(a + s.micro_batch_size, rows)) for a in range(0, rows, s.micro_batch_size)]
-            if not chunks or len(chunks) > passes:
-                raise ValueError(f"learner[{self.rank}]: {rows} rows make {len(chunks)} micro-batches, "
+            plens = pc.list_value_length(table.column("prompt_ids")).to_pylist()
+            rlens = pc.list_value_length(table.column("response_ids")).to_pylist()
+            groups = micro_batches(plens, rlens, s.micro_batch_size, s.max_tokens_per_micro_batch)
+            if s.max_tokens_per_micro_batch > 0:  # how many packing makes differs by rank
+                passes = int(self._max_on_ranks(float(len(groups))))
+            if not groups or len(groups) > passes:
+                raise ValueError(f"learner[{self.rank}]: {len(table)} rows make {len(groups)} micro-batches, "
                                  f"planned {passes}")
-            weights = [1.0] * len(chunks) + [0.0] * (passes - len(chunks))
-            chunks += [chunks[0]] * (passes - len(chunks))
-            for i, ((a, b), weight) in enumerate(zip(chunks, weights)):
-                loss, stats = objective.loss(self, table.slice(a, b - a), context[a:b], norm)
+            totals["micro_batches"] += len(groups)
+            totals["padding_tokens"] += sum(padded_tokens(plens, rlens, g) - sum(plens[i] + rlens[i] for i in g)
+                                            for g in groups)
+            weights = [1.0] * len(groups) + [0.0] * (passes - len(groups))
+            groups += [groups[0]] * (passes - len(groups))
+            for i, (rows, weight) in enumerate(zip(groups, weights)):
+                part = table.slice(rows[0], len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) \
+                    else table.take(rows)
+                loss, stats = objective.loss(self, part, [context[j] for j in rows], norm)
                 stats = self._micro_step(loss, stats, last=i == passes - 1, weight=weight)
-                for k in keys:
+                for k in objective.stat_keys + ("grad_norm", "skipped"):
                     value = stats.get(k, 0.0)
                     totals[k] += value if np.isfinite(value) else 0.0  # a skipped batch's NaNs stay out
                 if "skip_reason" in stats:
@@ -292,13 +304,16 @@ class LearnerActor:
         return stats
 
     def _on_any_rank(self, flag: bool) -> bool:
+        return self._max_on_ranks(1.0 if flag else 0.0) > 0
+
+    def _max_on_ranks(self, value: float) -> float:
         if self.world_size == 1:
-            return flag
+            return value
         import torch.distributed as dist
 
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        t = torch.tensor([value], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return float(t.item())
 
     def _step_without_update(self) -> None:
         """ZeRO-0: close the accumulation window without touching the weights: zero gradients, lr 0.

@@ -14,7 +14,10 @@ learning. Ray may be the pruned wheel of benchmarks/pruned_ray_wheel.py.
 
 Prints per-step samples/s, weight-sync seconds and MB, learner MFU and peak memory, and
 writes gpu_ray_check.json under --out. Then `rlsr_ray.sft` runs 4 steps through Ray Train on the
-same device (ZeRO-0, bf16 on CUDA), which must skip no step and lower the loss.
+same device (ZeRO-0, bf16 on CUDA), which must skip no step and lower the loss. Last, the memory
+plan on the GPU: benchmarks/learner_memory.py on a random policy of Qwen2.5-0.5B's shape (its
+151,936-row head included) at 1 x (256 + 4,096) tokens, learner and reference, memory features off
+and on; each peak must be within 25 % of rlsr_ray.memory's figure (--smoke: tiny sizes, no bound).
 """
 from __future__ import annotations
 
@@ -113,8 +116,51 @@ def main() -> int:
     (out / "gpu_ray_check.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(sft, indent=2))
     ok = ok and sft["ok"]
+    memory = memory_check(tiny, out / "memory", args.device, args.smoke)
+    report["memory_plan"] = memory
+    (out / "gpu_ray_check.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(memory, indent=2))
+    ok = ok and memory["ok"]
     print("GPU RAY CHECK", "PASSED" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def qwen05b_shaped(tokenizer_path: str, out: Path) -> str:
+    """A random Qwen2 of Qwen2.5-0.5B's shape (rlsr_ray.memory_plan.KNOWN_SHAPES) with the tiny
+    policy's tokenizer: its head has more rows than the tokenizer has tokens, as the real one."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rlsr_ray.memory_plan import KNOWN_SHAPES
+    from rlsr_ray.policy import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    cfg = Qwen2Config(**KNOWN_SHAPES["qwen2.5-0.5b"], max_position_embeddings=32768, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def memory_check(tiny: str, out: Path, device: str, smoke: bool) -> dict:
+    """benchmarks/learner_memory.py on this device: measured peaks beside the plan's."""
+    out.mkdir(parents=True, exist_ok=True)
+    policy = tiny if smoke else qwen05b_shaped(tiny, out / "qwen05b_shaped")
+    sizes = ["--answers=64", "--rows=2", "--prompt=16"] if smoke else ["--answers=4096", "--rows=1", "--prompt=256"]
+    lines = out / "learner_memory.jsonl"
+    lines.unlink(missing_ok=True)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "learner_memory.py"), *sizes, f"--policy={policy}",
+           f"--device={device}", f"--out={lines}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    (out / "learner_memory.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print(proc.stderr[-4000:])
+        return {"ok": False, "exit": proc.returncode}
+    rows = [json.loads(x) for x in lines.read_text().splitlines()]
+    within = all(0.75 <= r["ratio"] <= 1.25 for r in rows)
+    return {"ok": smoke or within, "within_25_percent": within,
+            "rows": [{k: r[k] for k in ("role", "tokens", "features", "peak_bytes", "predicted_bytes", "ratio")}
+                     for r in rows]}
 
 
 def sft_check(policy: str, out: Path, gpu: bool) -> dict:

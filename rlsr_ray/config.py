@@ -133,6 +133,10 @@ class TrainConfig:
     # Recompute each decoder layer in backward instead of keeping its activations (transformers'
     # gradient checkpointing, non-reentrant): a layer's input is all that is kept per layer.
     gradient_checkpointing: bool = False
+    # > 0: a learner's micro-batches are packed by padded tokens instead of micro_batch_size rows:
+    # rows longest first, at most this many (rows x (longest prompt + longest answer)) tokens and
+    # at most micro_batch_size rows each; a row over the budget goes alone. 0: micro_batch_size rows.
+    max_tokens_per_micro_batch: int = 0
     # > 0: learner and reference apply the LM head to this many response tokens at a time, each
     # chunk recomputed in backward, so no [B, T, vocabulary] tensor is ever whole (its working set
     # is this many tokens x vocabulary, whatever the answer length); 0: the whole batch at once.
@@ -380,6 +384,8 @@ def validate(cfg: Config) -> None:
          t.offload_optimizer)
     need(not t.offload_params or t.zero_stage == 3, "train.offload_params", "needs train.zero_stage=3",
          t.offload_params)
+    need(t.max_tokens_per_micro_batch >= 0, "train.max_tokens_per_micro_batch", "must be >= 0 (0: rows only)",
+         t.max_tokens_per_micro_batch)
     need(t.logprob_chunk_tokens >= 0, "train.logprob_chunk_tokens", "must be >= 0 (0: no chunks)",
          t.logprob_chunk_tokens)
     need(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", a.kl_coef)

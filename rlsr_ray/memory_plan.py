@@ -113,13 +113,17 @@ def learner_plan(cfg: Config, s: ModelShape) -> PoolPlan:
         parts["autocast's bf16 weight copies"] = 2 * s.params
     if t.zero_stage == 3:
         parts["ZeRO-3 gathered layers (current + prefetched)"] = 2 * (s.params / s.layers) * weights_bytes
-    m = _batch(cfg, t.micro_batch_size)
+    width = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    rows = t.micro_batch_size if t.max_tokens_per_micro_batch <= 0 else \
+        max(1, min(t.micro_batch_size, t.max_tokens_per_micro_batch // width))  # full-length rows in the budget
+    m = _batch(cfg, rows)
     act = learner_activation_bytes(s, m, b, _attention(cfg), t.gradient_checkpointing, t.logprob_chunk_tokens, dev)
-    parts[f"activations kept ({t.micro_batch_size} x {m.width} tokens)"] = act["total"] - act["working"]
+    parts[f"activations kept ({rows} x {m.width} tokens)"] = act["total"] - act["working"]
     parts["backward working set (largest layer or logits chunk)"] = act["working"]
     plan = PoolPlan("learner", dev, parts, device_gb(p))
     states = plan.total - act["total"]
-    plan.fix = ("train.gradient_checkpointing=true, train.logprob_chunk_tokens=1024 or a smaller train.micro_batch_size"
+    plan.fix = ("train.gradient_checkpointing=true, train.logprob_chunk_tokens=1024 or a smaller train.micro_batch_size "
+                "(or train.max_tokens_per_micro_batch)"
                 if act["total"] > states else
                 "a higher train.zero_stage, more pools.learner.num_actors or train.offload_optimizer=true")
     return plan

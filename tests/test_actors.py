@@ -174,6 +174,25 @@ def test_checkpointing_and_chunked_logprobs_give_the_same_update(tiny_policy, pr
     assert_same_update(plain, lean)
 
 
+def test_token_budget_micro_batches_give_the_same_update_with_less_padding(tiny_policy, prompts, reward, rollout):
+    """Rows packed longest first by padded tokens (train.max_tokens_per_micro_batch) against one
+    micro-batch of all 16: the same update, and less padding computed on."""
+    train = _train_table(tiny_policy, rollout, reward, prompts)
+    norm = float(sum(len(x) for x in train.column("response_ids").to_pylist()))
+    stats = {}
+
+    def update(**kw):
+        lrn = learner(tiny_policy, settings(micro_batch_size=16, micro_steps=1, lr=1.0, optimizer="sgd", **kw))
+        w0 = {k: v.copy() for k, v in lrn.export_weights().items()}
+        stats[kw.get("max_tokens_per_micro_batch", 0)] = lrn.train_step([train], [norm])
+        return {k: v - w0[k] for k, v in lrn.export_weights().items()}
+
+    assert_same_update(update(), update(max_tokens_per_micro_batch=150))
+    assert stats[150]["micro_batches"] > 1 and stats[0]["micro_batches"] == 1
+    assert stats[150]["padding_tokens"] < stats[0]["padding_tokens"]
+    assert stats[150]["tokens"] == stats[0]["tokens"] == norm
+
+
 def test_the_reference_scores_alike_in_chunks(tiny_policy, prompts, rollout):
     rows = rollout.generate(prompts, SPEC)
     whole, chunked = (ReferenceActor(tiny_policy, logprob_chunk_tokens=k).logprobs(rows) for k in (0, 7))

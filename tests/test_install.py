@@ -55,7 +55,7 @@ def test_the_install_lines_are_found():
     assert lines[shlex.join(["-e", ".[cpu]"])] == ["README.md", "README.md"]  # quick start, measured run
     assert "README.md" in lines[shlex.join(["-e", ".[cpu,dev,vllm-api]"])]  # the test command
     gpu = [args for args in lines if "[vllm]" in args]
-    assert gpu and sorted(n for a in gpu for n in lines[a]) == ["a100.yaml", "heterogeneous.yaml"], lines
+    assert gpu and sorted(n for a in gpu for n in lines[a]) == ["a100.yaml", "heterogeneous.yaml", "p5.yaml"], lines
 
 
 LOCAL_EXTRAS = re.compile(r"^\.\[([a-z0-9,-]+)\]$")

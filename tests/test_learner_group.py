@@ -36,13 +36,15 @@ def train(tiny_policy, tiny_tokenizer, minilm_path):
                         RewardActor(paper(minilm_path)), prompts)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2, 3])
-def test_two_learners_make_the_one_learner_update(local_ray, tiny_policy, train, zero_stage):
+@pytest.mark.parametrize("zero_stage, budget", [(0, 0), (2, 0), (3, 0), (2, 150)])
+def test_two_learners_make_the_one_learner_update(local_ray, tiny_policy, train, zero_stage, budget):
+    """budget: micro-batches packed by padded tokens (about two rows each here), so each rank makes
+    as many passes as its own rows need and the group as many as the busiest rank's."""
     norm = float(sum(len(x) for x in train.column("response_ids").to_pylist()))
     one = settings(micro_batch_size=8, micro_steps=2, lr=1.0, optimizer="sgd", zero_stage=zero_stage)
     single = _update(learner(tiny_policy, one), [train], [norm])
 
-    two = dataclasses.replace(one, micro_steps=1)  # 8 of the 16 rows on each rank
+    two = dataclasses.replace(one, micro_steps=1, max_tokens_per_micro_batch=budget)  # 8 of the 16 rows on each rank
     group = Pool("learner", LearnerActor, PoolConfig(num_actors=2, num_cpus=1),
                  dict(policy_path=tiny_policy, settings=two, world_size=2), ray_restarts=False,
                  call_timeout_s=300)
@@ -57,6 +59,8 @@ def test_two_learners_make_the_one_learner_update(local_ray, tiny_policy, train,
         group.shutdown()
     assert sum(s["tokens"] for s in stats) == norm
     assert_same_update(single, {k: w1[k] - w0[k] for k in w0})
+    if budget:
+        assert all(s["micro_batches"] > 1 for s in stats), stats
 
 
 def _rollout_weights(ray, pool: Pool) -> list[dict]:

@@ -19,6 +19,7 @@ def learner_settings(cfg: Config, lr: float, micro_steps: int):
         recompute_old_logprobs=a.recompute_old_logprobs, seed=cfg.run.seed, optimizer=t.optimizer,
         gradient_checkpointing=t.gradient_checkpointing, logprob_chunk_tokens=t.logprob_chunk_tokens,
         offload_optimizer=t.offload_optimizer, offload_params=t.offload_params,
+        max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
         attn_implementation=cfg.model.attn_implementation,
     )
 

@@ -166,6 +166,10 @@ def train(pools: Pools, args: list[tuple]) -> dict[str, float]:
         "skipped_minibatches": skipped,
         "minibatches": minibatches,
         "train_sequence_tokens": sum(s["sequence_tokens"] for s in stats),
+        # Padding the learners computed on (rows padded to their micro-batch's longest prompt and
+        # response), as a fraction of all the tokens they computed on.
+        "train_padding_fraction": sum(s["padding_tokens"] for s in stats) / max(
+            1.0, sum(s["padding_tokens"] + s["sequence_tokens"] for s in stats)),
     }
     if "peak_memory_mb" in stats[0]:  # CUDA learners
         out["learner_peak_memory_mb"] = max(s["peak_memory_mb"] for s in stats)
