@@ -153,7 +153,6 @@ class VLLMBackend:
             use_v2_runner(os.environ)
         self.eos_ids, self.compute_dtype = eos_ids, compute_dtype
         self.joined = False  # whether the engine's worker holds an end of the weight route
-        self.route_members = tensor_parallel_size  # weight-route ranks this engine takes
         self.llm = LLM(**engine_kwargs(policy_path, compute_dtype, gpu_memory_utilization, seed,
                                        mask_padded_vocab=self.token_limit is not None,
                                        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len))

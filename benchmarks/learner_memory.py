@@ -5,11 +5,13 @@ in-process: LearnerActor.train_step, ReferenceActor.logprobs), SmolLM2-135M-Inst
 one micro-batch of `--rows` sequences of `--prompt` prompt tokens and answers of T tokens (the
 second row's answer a quarter shorter, so rows are padded as in a real batch). Each role first
 makes one small call (the learner's allocates AdamW's moments, and both set up their kernels);
-then the kernel's peak-RSS mark is reset (/proc/self/clear_refs) and the measured call runs. `peak_bytes` is the peak RSS above the RSS
-before the call; `predicted_bytes` is rlsr_ray.memory's figure for the same call (activations,
-plus the gradients a ZeRO-0 step allocates afresh). glibc's mmap threshold is fixed at 64 KiB
-(MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the RSS at once and the peak RSS is the peak of
-live memory, not of the allocator's cache.
+then the kernel's peak-RSS mark is reset (/proc/self/clear_refs) and the measured call runs.
+`peak_bytes` is the peak RSS above the RSS before the call; `predicted_bytes` is rlsr_ray.memory's
+figure for the same call (activations, plus the gradients a ZeRO-0 step allocates afresh).
+glibc's mmap threshold is fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the
+RSS at once and the peak RSS is the peak of live memory, not of the allocator's cache. With
+`--device cuda`: bf16 compute, and torch's peak allocated bytes instead of the RSS (the last stage
+of benchmarks/gpu_ray_check.py runs it so).
 
     python benchmarks/learner_memory.py --out benchmarks/results/learner_memory_cpu.jsonl
 
@@ -90,7 +92,8 @@ def measure(role: str, rows: int, prompt: int, answer: int, features: list[str],
         small = _table(rows, 8, 8)
         pool.call("train_step", [([small], [16.0])])  # AdamW's moments exist from here on
         call = ("train_step", [([table], [float(sum(len(x) for x in table.column("response_ids").to_pylist()))])])
-        predicted = learner_activation_bytes(shape, m, b, checkpointing=ckpt, chunk_tokens=chunk, device=device)["total"]
+        predicted = learner_activation_bytes(shape, m, b, checkpointing=ckpt, chunk_tokens=chunk,
+                                             device=device)["total"]
         if b == 2:  # ZeRO-0 bf16 on CUDA: autocast over float32 weights keeps bf16 copies for backward
             predicted += 2 * shape.params
         # ZeRO-0 frees the gradients after each step, so the measured call allocates them again:

@@ -122,8 +122,8 @@ def learner_plan(cfg: Config, s: ModelShape) -> PoolPlan:
     parts["backward working set (largest layer or logits chunk)"] = act["working"]
     plan = PoolPlan("learner", dev, parts, device_gb(p))
     states = plan.total - act["total"]
-    plan.fix = ("train.gradient_checkpointing=true, train.logprob_chunk_tokens=1024 or a smaller train.micro_batch_size "
-                "(or train.max_tokens_per_micro_batch)"
+    plan.fix = ("train.gradient_checkpointing=true, train.logprob_chunk_tokens=1024 or a smaller "
+                "train.micro_batch_size (or train.max_tokens_per_micro_batch)"
                 if act["total"] > states else
                 "a higher train.zero_stage, more pools.learner.num_actors or train.offload_optimizer=true")
     return plan
@@ -157,7 +157,8 @@ def rollout_plan(cfg: Config, s: ModelShape) -> PoolPlan:
     tp = r.vllm_tensor_parallel_size
     weights = 2 * s.params / tp
     plan = PoolPlan("rollout", dev, {f"weights (bf16, tensor parallel {tp})": weights}, cap)
-    plan.fix = "a larger rollout.vllm_tensor_parallel_size (and pools.rollout.num_gpus), or rollout.vllm_gpu_memory_utilization"
+    plan.fix = ("a larger rollout.vllm_tensor_parallel_size (and pools.rollout.num_gpus), or "
+                "rollout.vllm_gpu_memory_utilization")
     if cap is None:
         return plan
     budget = r.vllm_gpu_memory_utilization * cap * GB

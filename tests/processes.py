@@ -82,7 +82,8 @@ def killed_comm_op_build(extensions_dir) -> str:
     build (compiler included) SIGKILLed while it holds torch's build lock. Returns the lock's path."""
     lock = os.path.join(extensions_dir, "deepspeed_shm_comm", "lock")
     code = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir)},
+    proc = subprocess.Popen([sys.executable, "-c", code],
+                            env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     try:

@@ -178,7 +178,8 @@ def build_pools(cfg: Config, policy_path: str, terms: list):
             policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=pool_device(p.reference),
             torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
             temperature=_temperature(cfg), logprob_chunk_tokens=t.logprob_chunk_tokens,
-            attn_implementation=cfg.model.attn_implementation), loads=f"loading the policy {policy_path}", **_timeouts(cfg)))
+            attn_implementation=cfg.model.attn_implementation),
+            loads=f"loading the policy {policy_path}", **_timeouts(cfg)))
         # The other pools go on loading meanwhile: their first calls wait on their constructors,
         # bounded by ray.startup_timeout_s from placement (Pool._check_started).
         finish_setup(learner, start_setup(learner))
