@@ -216,7 +216,8 @@ class LearnerActor:
         `micro_steps[i]` forward/backward passes on mini-batch i, so the gradient collectives stay
         matched; a learner short of rows repeats its first micro-batch at zero weight."""
         eng, s = self.engine, self.s
-        keys = (*objective.stat_keys, "grad_norm", "skipped", "padding_tokens", "micro_batches")
+        step_keys = (*objective.stat_keys, "grad_norm", "skipped")  # from each micro-step's stats
+        keys = (*step_keys, "padding_tokens", "micro_batches")
         totals: dict = {k: 0.0 for k in keys}
         reasons = []
         minibatches = [batch.check(t, objective.schema, f"learner[{self.rank}] input") for t in minibatches]
@@ -245,7 +246,7 @@ class LearnerActor:
                     else table.take(rows)
                 loss, stats = objective.loss(self, part, [context[j] for j in rows], norm)
                 stats = self._micro_step(loss, stats, last=i == passes - 1, weight=weight)
-                for k in objective.stat_keys + ("grad_norm", "skipped"):
+                for k in step_keys:
                     value = stats.get(k, 0.0)
                     totals[k] += value if np.isfinite(value) else 0.0  # a skipped batch's NaNs stay out
                 if "skip_reason" in stats:

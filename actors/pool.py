@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors import placement_watch
-from actors.waiting import Reports, report_times, waited
+from actors.waiting import Reports, waited
 from actors.membership import Membership, PoolEvent
 from rlsr_ray.cli import first_line
 from rlsr_ray.config import PoolConfig
@@ -156,8 +156,7 @@ class Pool:
         import ray
 
         start = time.monotonic()
-        reports = report_times(first_s=1.0)  # a pool not placed at once says so early
-        next_log = next(reports)
+        reports = Reports(start, first_s=1.0)  # a pool not placed at once says so early
         need = bundles(self.cfg)
         pending = [pg.ready() for pg in pgs]
         while True:
@@ -175,10 +174,10 @@ class Pool:
                 raise PoolTimeout(
                     f"pool {self.role}: gave up after {so_far:.0f}s waiting for {len(need)} x {need[0]} "
                     f"(cluster total {ray.cluster_resources()}); raise ray.placement_timeout_s or add nodes")
-            if so_far >= next_log:
+            if time.monotonic() >= reports.due:
                 log.info("pool %s: waiting %.0fs for %d x %s; available now %s (ray.placement_timeout_s=%.0f)",
                          self.role, so_far, len(need), need[0], ray.available_resources(), timeout_s)
-                next_log = next(reports)
+                reports.advance()
 
     def submit(self, method: str, per_actor_args: list[tuple], num_returns: int = 1,
                resend: bool = False) -> list[Any]:

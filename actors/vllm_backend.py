@@ -116,7 +116,7 @@ class WeightLoaderExtension:
         model's load_weights keeps its own slice, as when it loads a checkpoint."""
         from rlsr_ray.weight_group import RouteSettings, WeightGroup
 
-        self.rlsr_route = WeightGroup(address, rank + int(getattr(self, "rank", 0)), RouteSettings(*settings))
+        self.rlsr_route = WeightGroup(address, rank + self.rank, RouteSettings(*settings))
         self.rlsr_specs = specs_from_rpc(specs)
 
     def rlsr_receive_weights(self) -> None:

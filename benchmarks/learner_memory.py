@@ -78,9 +78,8 @@ def measure(role: str, rows: int, prompt: int, answer: int, features: list[str],
     shape = ModelShape.from_config(json.load(open(os.path.join(path, "config.json"))))
     m = Batch(rows, prompt + answer, answer, padded=rows > 1)
     if role == "learner":
-        from actors.learner import LearnerActor
+        from actors.learner import LearnerActor, LearnerSettings
         from rlsr_ray.algo.loss import LossSettings
-        from actors.learner import LearnerSettings
 
         s = LearnerSettings(lr=1e-6, adam_betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0, zero_stage=0,
                             micro_batch_size=rows, micro_steps=1, loss=LossSettings(), temperature=1.0,

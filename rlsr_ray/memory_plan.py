@@ -95,9 +95,13 @@ def _attention(cfg: Config) -> str:
     return "sdpa" if a == "auto" else a  # auto's flash-attn depends on the node; sdpa is the larger
 
 
+def _sequence(cfg: Config) -> int:
+    """The longest sequence a run makes: the prompt limit plus the answer limit (max_model_len)."""
+    return cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+
+
 def _batch(cfg: Config, rows: int) -> Batch:
-    d, r = cfg.data, cfg.rollout
-    return Batch(rows, d.max_prompt_tokens + r.max_new_tokens, r.max_new_tokens, padded=rows > 1)
+    return Batch(rows, _sequence(cfg), cfg.rollout.max_new_tokens, padded=rows > 1)
 
 
 def learner_plan(cfg: Config, s: ModelShape) -> PoolPlan:
@@ -113,9 +117,8 @@ def learner_plan(cfg: Config, s: ModelShape) -> PoolPlan:
         parts["autocast's bf16 weight copies"] = 2 * s.params
     if t.zero_stage == 3:
         parts["ZeRO-3 gathered layers (current + prefetched)"] = 2 * (s.params / s.layers) * weights_bytes
-    width = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
     rows = t.micro_batch_size if t.max_tokens_per_micro_batch <= 0 else \
-        max(1, min(t.micro_batch_size, t.max_tokens_per_micro_batch // width))  # full-length rows in the budget
+        max(1, min(t.micro_batch_size, t.max_tokens_per_micro_batch // _sequence(cfg)))  # full-length rows in the budget
     m = _batch(cfg, rows)
     act = learner_activation_bytes(s, m, b, _attention(cfg), t.gradient_checkpointing, t.logprob_chunk_tokens, dev)
     parts[f"activations kept ({rows} x {m.width} tokens)"] = act["total"] - act["working"]
@@ -143,10 +146,10 @@ def reference_plan(cfg: Config, s: ModelShape) -> PoolPlan:
 
 
 def rollout_plan(cfg: Config, s: ModelShape) -> PoolPlan:
-    p, r, d = cfg.pools.rollout, cfg.rollout, cfg.data
+    p, r = cfg.pools.rollout, cfg.rollout
     dev = pool_device(p)
     cap = device_gb(p)
-    seq = d.max_prompt_tokens + r.max_new_tokens
+    seq = _sequence(cfg)
     if r.backend != "vllm":
         b = _dtype_bytes(cfg, dev)
         kv = r.generate_batch_size * seq * s.kv_cache_bytes_per_token(b)

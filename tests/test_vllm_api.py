@@ -157,6 +157,7 @@ class StandInRunner:  # the model runner needs CUDA: it only records what the ex
 
 
 def _stand_in_init(self, **kwargs):
+    self.rank = 0  # the engine rank vLLM's WorkerBase.__init__ sets (one worker, no tensor parallelism)
     self.model_runner = StandInRunner()
 
 
