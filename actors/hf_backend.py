@@ -10,7 +10,7 @@ from rlsr_ray.policy import autocast, load_causal_lm, state_dict_to_torch
 
 
 class TransformersBackend:
-    def __init__(self, policy_path: str, tokenizer, compute_dtype: str, device: str, batch_size: int):
+    def __init__(self, policy_path: str, tokenizer, compute_dtype: str, device: str, batch_size: int, lora=None):
         from transformers import GenerationConfig
 
         self.model = load_causal_lm(policy_path, device).eval()
@@ -25,6 +25,15 @@ class TransformersBackend:
         self.model.generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, suppress_tokens=list(padded) or None)
+        if lora is not None:
+            # Adapters on the base (after the generation config: generate() reads the base model's).
+            # B starts at zero, so until the first sync this samples from the base itself. They
+            # stay separate matmuls rather than merged into W: a sync then replaces them exactly,
+            # with no rounding left behind in W by un-merging the previous ones.
+            from rlsr_ray import lora as adapters
+
+            self.model = adapters.wrap(self.model, lora).eval()
+        self.lora = lora is not None
         self.tok = tokenizer
         self.compute_dtype, self.device, self.batch_size = compute_dtype, device, batch_size
         self.eos_ids = {tokenizer.eos_token_id}
@@ -54,6 +63,10 @@ class TransformersBackend:
 
     def load_weights(self, state_dict: dict) -> None:
         missing, unexpected = self.model.load_state_dict(state_dict_to_torch(state_dict), strict=False)
+        if self.lora:  # the adapters alone: every adapter tensor must be among them, the base is kept
+            from rlsr_ray.lora import adapter_tensors
+
+            missing = [k for k in adapter_tensors(self.model) if k not in state_dict]
         # Tied embeddings may appear once; anything else missing means a mismatched model.
         missing = [k for k in missing if k != "lm_head.weight"]
         if missing or unexpected:

@@ -24,12 +24,12 @@ import torch
 
 from actors.comm_op import without_shm_op
 from actors.objectives import GRPO, SFT, Objective
-from rlsr_ray import batch
+from rlsr_ray import batch, lora
 from rlsr_ray.algo.loss import LossSettings
 from rlsr_ray.policy import (enable_checkpointing, load_causal_lm, load_tokenizer, resolve_compute_dtype,
                              response_logprobs, set_threads, state_dict_to_torch)
 from rlsr_ray.micro_batches import micro_batches, padded_tokens
-from rlsr_ray.selection import MinibatchParts
+from rlsr_ray.selection import MinibatchParts, gather
 from rlsr_ray.weight_group import RouteSettings, WeightGroup, tensor_specs
 
 
@@ -60,6 +60,9 @@ class LearnerSettings:
     offload_optimizer: bool = False  # ZeRO >= 1: the optimizer's share in host memory
     offload_params: bool = False  # ZeRO-3: the parameters' partitions in host memory too
     attn_implementation: str = "auto"  # transformers' name; auto resolved on this device (policy.resolve_attention)
+    lora: lora.LoraSpec | None = None  # train adapters only (rlsr_ray/lora.py); None: the full weights
+    # LoRA: the reference log-probs come from this learner's base, adapters off (no reference pool).
+    reference_in_learner: bool = False
 
 
 def cuda_index(device: str) -> int:
@@ -117,9 +120,11 @@ class LearnerActor:
         self.cache_dir = Path(cache_dir).expanduser()
         self.tok = load_tokenizer(policy_path)
         self.model = load_causal_lm(policy_path, device, attn_implementation=settings.attn_implementation)
+        if settings.lora is not None:
+            self.model = lora.wrap(self.model, settings.lora)  # after the seed: A's initial values
         if settings.gradient_checkpointing:
             enable_checkpointing(self.model)
-        self.specs = tensor_specs(self.model.state_dict())  # before ZeRO-3 partitions the parameters
+        self.specs = tensor_specs(self._synced(self.model))  # before ZeRO-3 partitions the parameters
         self.route: WeightGroup | None = None  # rank 0's end of the weight route to the rollout actors
         self.engine = None
         self._bad_minibatch = ""  # why the current mini-batch will not be applied, if it will not
@@ -171,11 +176,11 @@ class LearnerActor:
             "steps_per_print": 10**9,
             **precision_config(cuda, s.zero_stage, s.compute_dtype),
         }
+        trained = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters alone
         if s.optimizer == "sgd":
-            optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+            optimizer = torch.optim.SGD(trained, lr=s.lr, weight_decay=s.weight_decay)
         else:
-            optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=s.adam_betas,
-                                          weight_decay=s.weight_decay)
+            optimizer = torch.optim.AdamW(trained, lr=s.lr, betas=s.adam_betas, weight_decay=s.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=config)
         if init_method.startswith("file://"):
             # The store would delete its file when the last rank closes it, but actors end by
@@ -194,8 +199,11 @@ class LearnerActor:
         """train_step on mini-batches this learner assembles itself from pieces of the rollout
         tables (the first `rollout_tables` of `tables`) and the reference tables (the rest), which
         Ray hands over straight from the actors that made them."""
-        trains = batch.assemble_train(parts, tables[:rollout_tables], tables[rollout_tables:],
-                                      f"learner[{self.rank}] input")
+        rollouts, refs = tables[:rollout_tables], tables[rollout_tables:]
+        if self.s.reference_in_learner:  # one REF_LOGPROBS table per mini-batch, of its rows in order
+            refs = tuple(self.reference_logprobs(gather(rollouts, p.rollouts, batch.ROLLOUTS)) for p in parts)
+            parts = [dataclasses.replace(p, ref_logprobs=[(i, 0, len(t))]) for i, (p, t) in enumerate(zip(parts, refs))]
+        trains = batch.assemble_train(parts, rollouts, refs, f"learner[{self.rank}] input")
         return self.train_step(trains, [p.normaliser for p in parts], [p.micro_steps for p in parts])
 
     def train_step(self, minibatches: list[pa.Table], normalisers: list[float],
@@ -338,6 +346,16 @@ class LearnerActor:
         grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
 
+    def reference_logprobs(self, rollouts: pa.Table) -> pa.Table:
+        """REF_LOGPROBS of ROLLOUTS rows under the base policy: this LoRA learner's own weights with
+        the adapters switched off, which is the frozen initial policy (the base never trains)."""
+        model = self.engine.module if self.engine is not None else self.model
+        with model.disable_adapter():
+            lps = self.logprobs(rollouts)
+        table = pa.table({"group_id": rollouts.column("group_id"), "sample_idx": rollouts.column("sample_idx"),
+                          "ref_logprobs": pa.array([x.tolist() for x in lps], pa.list_(pa.float32()))})
+        return batch.check(table, batch.REF_LOGPROBS, f"learner[{self.rank}] reference")
+
     @torch.no_grad()
     def logprobs(self, table: pa.Table) -> list:
         model = self.engine.module if self.engine is not None else self.model
@@ -362,16 +380,23 @@ class LearnerActor:
         return [ray.put(state), sum(v.nbytes for v in state.values())] if state is not None else None
 
     @contextlib.contextmanager
-    def _full_weights(self):
-        """The policy module with every parameter whole (ZeRO-3 gathers them; all ranks enter)."""
+    def _full_weights(self, everything: bool = False):
+        """The policy module with what a sync sends whole (ZeRO-3 gathers it; all ranks enter): the
+        adapters under LoRA (the base stays partitioned), every parameter otherwise or with
+        `everything`."""
         model = self.engine.module if self.engine is not None else self.model
         if self.s.zero_stage == 3 and self.engine is not None:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            params = [p for p in model.parameters() if everything or self.s.lora is None or p.requires_grad]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 yield model
         else:
             yield model
+
+    def _synced(self, model) -> dict[str, torch.Tensor]:
+        """What a weight sync moves: the adapters under LoRA, else the whole state dict."""
+        return lora.adapter_tensors(model) if self.s.lora is not None else model.state_dict()
 
     # The weight route (rlsr_ray/weight_group.py): rank 0 sends, the rollout actors receive.
     def weight_specs(self) -> list | None:
@@ -391,7 +416,7 @@ class LearnerActor:
             if self.route is None:
                 return {"ok": False, "error": "learner rank 0 holds no weight route"}
             try:
-                return {"ok": True, "bytes": self.route.send(model.state_dict(), self.specs)}
+                return {"ok": True, "bytes": self.route.send(self._synced(model), self.specs)}
             except RuntimeError as e:  # gloo/NCCL: a peer died or timed out
                 self.route = None
                 return {"ok": False, "error": str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}
@@ -399,17 +424,19 @@ class LearnerActor:
     def close_weight_route(self) -> None:
         self.route = None  # the process group is destroyed with its last reference
 
-    @staticmethod
-    def _cpu_state_dict(model) -> dict:
+    def _cpu_state_dict(self, model) -> dict:
         """float32 numpy arrays: Ray stores them zero-copy, and readers map them without unpickling."""
-        sd = model.state_dict()
+        sd = self._synced(model)
         # tensor_specs lists tied weights (lm_head = embeddings) once, as the weight route sends them.
         return {s.name: sd[s.name].detach().to("cpu", dtype=torch.float32, copy=True).numpy()
                 for s in tensor_specs(sd)}
 
     def save_pretrained(self, path: str, trainer_state: dict | None = None,
-                        pending: dict | None = None) -> str | None:
-        """Write an HF folder (safetensors + tokenizer) atomically; every rank must call it.
+                        pending: dict | None = None, merged: bool = False) -> str | None:
+        """Write an HF folder (safetensors + tokenizer) atomically; every rank must call it. Under
+        LoRA it is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, which
+        peft.PeftModel.from_pretrained loads), and with `merged` it also holds merged/, a plain
+        HF folder of the base with the adapters folded in.
 
         With `trainer_state`, the folder is a resumable checkpoint: optimizer state (ZeRO-0: one
         copy, since every rank holds all of it; ZeRO >= 1: one shard per rank), RNG state, the
@@ -425,6 +452,13 @@ class LearnerActor:
         tmp = target.with_name(target.name + ".tmp")
         if self.rank == 0 and tmp.exists():
             shutil.rmtree(tmp)  # left by a writer that died
+        if merged and self.s.lora is not None:
+            with self._full_weights(everything=True) as model:  # collective under ZeRO-3
+                if self.rank == 0:
+                    folded = {k: v.detach().to("cpu", copy=True) for k, v in lora.merged_state_dict(model).items()}
+                    model.get_base_model().save_pretrained(tmp / lora.MERGED, state_dict=folded,
+                                                           safe_serialization=True)
+                    self.tok.save_pretrained(tmp / lora.MERGED)
         layout = checkpoint.optimizer_layout(self.s.zero_stage, self.world_size)
         names = checkpoint.optimizer_names(layout)
         if trainer_state is not None and self.s.zero_stage > 0:
@@ -435,7 +469,7 @@ class LearnerActor:
 
             share = zero_state.gather(self.engine, self.rank, self.world_size)  # collective
             if self.rank == 0:
-                tmp.mkdir(parents=True)
+                tmp.mkdir(parents=True, exist_ok=True)
             self._barrier()
             checkpoint.save_nested(share, tmp, names[self.rank])
             self._barrier()
@@ -449,7 +483,8 @@ class LearnerActor:
                 checkpoint.save_nested(self.engine.optimizer.state_dict(), tmp, names[0])
             checkpoint.save_nested({"torch": torch.get_rng_state()}, tmp, "rng")
             steps = checkpoint.save_pending(tmp, pending or {})
-            checkpoint.write_state(tmp, {**trainer_state, "optimizer": layout, "pending_steps": steps})
+            checkpoint.write_state(tmp, {**trainer_state, "optimizer": layout, "pending_steps": steps,
+                                         "lora": self.s.lora.to_dict() if self.s.lora is not None else None})
         checkpoint.publish(tmp, target)
         return str(target)
 
@@ -473,7 +508,12 @@ class LearnerActor:
         if (saved["zero_stage"] == 0) != (self.s.zero_stage == 0):
             raise checkpoint.CheckpointError(f"{folder}: optimizer state of ZeRO-{saved['zero_stage']} cannot "
                                              f"load into ZeRO-{self.s.zero_stage} (ZeRO-0 <-> ZeRO >= 1)")
-        if self.s.zero_stage < 3:  # ZeRO-3's partitioned weights follow the fp32 masters instead
+        if (state.get("lora") is None) != (self.s.lora is None):
+            raise checkpoint.CheckpointError(f"{folder}: written {'with' if state.get('lora') else 'without'} "
+                                             f"LoRA, loaded {'with' if self.s.lora else 'without'} (train.lora)")
+        if self.s.zero_stage < 3 and self.s.lora is not None:
+            self._load_adapter(folder)
+        elif self.s.zero_stage < 3:  # ZeRO-3's partitioned weights follow the fp32 masters instead
             weights = {}
             for f in sorted(folder.glob("model*.safetensors")):
                 weights.update(load_file(str(f)))
@@ -492,3 +532,18 @@ class LearnerActor:
                 raise checkpoint.CheckpointError(f"{folder}: {e}") from None
         torch.set_rng_state(checkpoint.load_nested(folder, "rng")["torch"])
         return state
+
+    def _load_adapter(self, folder: Path) -> None:
+        """A PEFT adapter file into this learner's adapters; every one of them must be in it."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from rlsr_ray import checkpoint
+
+        saved = load_file(str(folder / "adapter_model.safetensors"))
+        model = self.engine.module
+        result = set_peft_model_state_dict(model, saved)
+        if result.unexpected_keys or len(saved) != len(lora.adapter_tensors(model)):
+            raise checkpoint.CheckpointError(f"{folder}: the adapter does not fit this policy's train.lora "
+                                             f"({len(saved)} tensors for {len(lora.adapter_tensors(model))}, "
+                                             f"unexpected {result.unexpected_keys[:3]})")

@@ -15,7 +15,7 @@ class RolloutActor:
     def __init__(self, policy_path: str, backend: str = "transformers", compute_dtype: str = "float32",
                  device: str = "cpu", torch_threads: int = 1, generate_batch_size: int = 16,
                  vllm_gpu_memory_utilization: float = 0.85, rank: int = 0, seed: int = 0,
-                 vllm_tensor_parallel_size: int = 1, max_model_len: int | None = None):
+                 vllm_tensor_parallel_size: int = 1, max_model_len: int | None = None, lora=None):
         set_threads(torch_threads)
         self.rank = rank
         compute_dtype = resolve_compute_dtype(compute_dtype, device)
@@ -34,7 +34,10 @@ class RolloutActor:
         else:
             from actors.hf_backend import TransformersBackend
 
-            self.backend = TransformersBackend(policy_path, self.tok, compute_dtype, device, generate_batch_size)
+            # Under LoRA (lora: rlsr_ray.lora.LoraSpec) it holds the base with adapters, and a sync
+            # sends the adapters alone.
+            self.backend = TransformersBackend(policy_path, self.tok, compute_dtype, device, generate_batch_size,
+                                               lora)
         # Printed to the driver's log: a second line for one rank means Ray restarted this actor.
         print(f"rollout actor {rank} ready (pid {os.getpid()}, policy version 0)", flush=True)
 

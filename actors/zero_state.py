@@ -63,6 +63,11 @@ def _step(zero_optimizer) -> float | None:
     return None if step is None else float(step)
 
 
+def trained(module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters the optimizer steps (under LoRA the adapters; the frozen base has no state)."""
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
 def gather(engine, rank: int, world_size: int) -> dict[str, Any]:
     """This rank's share of the full state: the parameters i with i mod world_size == rank, their
     fp32 master weights and moments on CPU. Every rank must call it (each gather is collective)."""
@@ -72,7 +77,7 @@ def gather(engine, rank: int, world_size: int) -> dict[str, Any]:
     step = _step(zero)  # None before the first update: then there are no moments to keep
     keys = _moment_keys(zero) if step is not None else []
     params: dict[str, dict[str, torch.Tensor]] = {}
-    for i, (name, p) in enumerate(engine.module.named_parameters()):
+    for i, (name, p) in enumerate(trained(engine.module)):
         full = {"fp32": safe_get_full_fp32_param(p), **{k: safe_get_full_optimizer_state(p, k) for k in keys}}
         if i % world_size == rank:
             params[name] = {k: v.detach().to("cpu", copy=True) for k, v in full.items()}
@@ -86,7 +91,7 @@ def restore(engine, shares: Iterable[dict[str, Any]]) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     zero = engine.optimizer
-    params = dict(engine.module.named_parameters())
+    params = dict(trained(engine.module))
     seen: set[str] = set()
     step: float | None = None
     for k, share in enumerate(shares):

@@ -97,12 +97,15 @@ def read_state(folder: Path) -> dict[str, Any]:
     if not (isinstance(layout, dict) and layout.get("zero_stage") in (0, 1, 2, 3)
             and isinstance(layout.get("shards"), int) and layout["shards"] >= 1):
         raise CheckpointError(f"{path}: field 'optimizer' is malformed ({layout!r})")
-    needed = ["config.json", "rng.safetensors", "rng.json"]
+    # A LoRA checkpoint is a PEFT adapter folder: the adapter instead of the model's weights.
+    adapter = state.get("lora") is not None
+    needed = ["adapter_config.json", "adapter_model.safetensors"] if adapter else ["config.json"]
+    needed += ["rng.safetensors", "rng.json"]
     needed += [f"{name}.{ext}" for name in optimizer_names(layout) for ext in ("safetensors", "json")]
     for name in needed:
         if not (Path(folder) / name).is_file():
             raise CheckpointError(f"{folder}: partial checkpoint, {name} is missing")
-    if not list(Path(folder).glob("model*.safetensors")):
+    if not adapter and not list(Path(folder).glob("model*.safetensors")):
         raise CheckpointError(f"{folder}: partial checkpoint, no model*.safetensors")
     return state
 

@@ -119,6 +119,22 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    # Train LoRA adapters (peft) instead of the full weights: the learners keep optimizer states
+    # for the adapters alone, a weight sync moves only them, and with pools.reference.num_actors: 0
+    # the reference log-probs come from the learners' own base with the adapters switched off.
+    enabled: bool = False
+    rank: int = 16  # r of each adapter pair (A: rank x in, B: out x rank)
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    # Dropout on an adapter's input while training. 0 keeps the learner's forward deterministic,
+    # so the PPO ratio of a step's first mini-batch starts at exactly 1.
+    dropout: float = 0.0
+    # The decoder's linear layers that get adapters, by their last name component (peft's
+    # matching); Llama/Qwen/Mistral attention and MLP projections by default.
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     prompts_per_step: int = 1024  # paper batch size, in prompts
     mini_batch_prompts: int = 256  # one optimizer step per mini-batch (paper: 256)
@@ -145,6 +161,7 @@ class TrainConfig:
     # the optimizer's share, and with it the parameters' partitions, leave the GPU.
     offload_optimizer: bool = False
     offload_params: bool = False
+    lora: LoraConfig = LoraConfig()
 
 
 @dataclass(frozen=True)
@@ -350,6 +367,12 @@ def pool_device(pool: PoolConfig) -> str:
     return "cuda" if pool.num_gpus > 0 else "cpu"
 
 
+def reference_in_learner(cfg: Config) -> bool:
+    """Under LoRA with pools.reference.num_actors: 0, the learners compute the reference log-probs
+    from their own base (adapters off) instead of a reference pool holding a second copy."""
+    return cfg.train.lora.enabled and cfg.pools.reference.num_actors == 0
+
+
 def uses_weight_route(cfg: Config) -> bool:
     """Whether weights go learner -> rollout over the weight route (else the object store)."""
     r, p = cfg.rollout, cfg.pools
@@ -388,6 +411,7 @@ def validate(cfg: Config) -> None:
          t.max_tokens_per_micro_batch)
     need(t.logprob_chunk_tokens >= 0, "train.logprob_chunk_tokens", "must be >= 0 (0: no chunks)",
          t.logprob_chunk_tokens)
+    _validate_lora(t.lora, need)
     need(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", a.kl_coef)
     need(0 < a.clip_eps < 1, "algo.clip_eps", "must be in (0, 1)", a.clip_eps)
     need(0 <= a.lcs_min_fraction <= 1, "algo.lcs_min_fraction", "must be in [0, 1]", a.lcs_min_fraction)
@@ -454,6 +478,21 @@ def _validate_pools(cfg: Config, need) -> None:
         need(p.torch_threads >= 1, f"pools.{role}.torch_threads", "must be >= 1", p.torch_threads)
         need(p.call_timeout_s is None or p.call_timeout_s > 0, f"pools.{role}.call_timeout_s", "must be > 0",
              p.call_timeout_s)
+
+
+def _validate_lora(lo: LoraConfig, need) -> None:
+    """What the settings alone tell; the target modules are checked against the policy itself
+    before anything starts (rlsr_ray/lora.py, check_targets)."""
+    need(lo.rank >= 1, "train.lora.rank", "must be >= 1", lo.rank)
+    need(lo.alpha > 0, "train.lora.alpha", "must be > 0", lo.alpha)
+    need(0 <= lo.dropout < 1, "train.lora.dropout", "must be in [0, 1)", lo.dropout)
+    need(len(lo.target_modules) >= 1, "train.lora.target_modules", "needs at least one module name",
+         list(lo.target_modules))
+    # The LM head is applied as a matrix by the chunked log-probs, and the embeddings may be tied
+    # to it: adapters go on the decoder's linear layers only.
+    for name in lo.target_modules:
+        need(name not in ("lm_head", "embed_tokens"), "train.lora.target_modules",
+             "adapters go on the decoder's linear layers, not the LM head or the embeddings", name)
 
 
 def _validate_vllm(cfg: Config, need) -> None:

@@ -120,8 +120,9 @@ def resolve_policy(name: str, cache_dir: str) -> str:
         return str(_atomic_build(cache / "tiny-random-llama-v1", _build_tiny))
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise ModelError(f"{path}: not an HF model folder (no config.json)")
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ModelError(f"{path}: neither an HF model folder (no config.json) nor a PEFT adapter folder "
+                             f"(no adapter_config.json)")
         return str(path.resolve())
     if name.startswith((".", "/", "~")):
         raise ModelError(f"model.policy: {name}: no such folder")

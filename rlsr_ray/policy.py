@@ -33,11 +33,24 @@ def resolve_attention(requested: str, device: str) -> str:
 
 
 def load_causal_lm(path: str, device: str = "cpu", weights_dtype: str = "float32", attn_implementation: str = "auto"):
+    """An HF model folder (or hub id), or a PEFT adapter folder: then its base with the adapter
+    folded in (rlsr_ray/lora.py), a plain transformers model either way."""
     from transformers import AutoModelForCausalLM
 
+    from rlsr_ray import lora
+
+    if lora.is_adapter(path):
+        model = lora.load_merged(path, lambda base: load_causal_lm(base, "cpu", weights_dtype, attn_implementation))
+        return model.to(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[weights_dtype],
                                                  attn_implementation=resolve_attention(attn_implementation, device))
     return model.to(device)
+
+
+def transformers_model(model):
+    """The transformers model inside a DeepSpeed engine (.module) and a peft wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def enable_checkpointing(model) -> None:
@@ -152,7 +165,7 @@ def _chunked_forward_logprobs(model, batch: PaddedBatch, temperature: float, com
     """forward_logprobs with the LM head in chunks: the model's own forward runs (through the
     engine, if any) with one position's logits, the decoder's final hidden states are taken with
     a forward hook, and the head is applied to them chunk by chunk."""
-    hf = getattr(model, "module", model)  # the transformers model inside a DeepSpeed engine
+    hf = transformers_model(model)  # the decoder and head inside an engine and a LoRA wrapper
     P, T = batch.prompt_width, batch.response_ids.shape[1]
     seen: list[torch.Tensor] = []
     hook = hf.base_model.register_forward_hook(lambda _m, _args, out: seen.append(out[0]))

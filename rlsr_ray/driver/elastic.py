@@ -11,8 +11,8 @@ log = logging.getLogger("rlsr_ray")
 def membership_metrics(pools, step: int) -> dict[str, Any]:
     """actors_<role> (rollout, reward, reference) now, nodes alive, and this step's membership
     events: how many, calls sent again, and seconds of work those calls had done when lost."""
-    row: dict[str, Any] = {f"actors_{p.role}": p.size for p in (pools.rollout, pools.reward, pools.reference)}
-    events = [e for p in (pools.rollout, pools.reward, pools.reference) for e in p.take_events()]
+    row: dict[str, Any] = {f"actors_{p.role}": p.size for p in pools.elastic()}
+    events = [e for p in pools.elastic() for e in p.take_events()]
     for e in events:
         if e.kind in ("lost", "drained"):
             log.warning("step %d: pool %s %s actor %d (%s): %d call(s) sent again, %.1fs of work lost, %d "

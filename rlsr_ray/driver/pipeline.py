@@ -35,7 +35,7 @@ log = logging.getLogger("rlsr_ray")
 class Pools:
     rollout: Pool
     reward: Pool
-    reference: Pool
+    reference: Pool | None  # None: the learners compute the reference themselves (LoRA, adapters off)
     learner: Pool
 
     route: WeightRoute | None = None  # learner rank 0 -> rollout actors; None: object store only
@@ -48,7 +48,11 @@ class Pools:
     pending_loads: list[Any] = field(default_factory=list)
 
     def all(self) -> list[Pool]:
-        return [self.rollout, self.reward, self.reference, self.learner]
+        return [*self.elastic(), self.learner]
+
+    def elastic(self) -> list[Pool]:
+        """The pools whose actors come and go one at a time (the learners are rebuilt whole)."""
+        return [p for p in (self.rollout, self.reward, self.reference) if p is not None]
 
 
 def put(pool: Pool, tables: list[Any]) -> list[Any]:
@@ -150,11 +154,13 @@ def _slices(gen: Generation, consumers: int) -> list[tuple[list[Any], list]]:
 
 
 def score(pools: Pools, gen: Generation, with_reference: bool = True) -> Scored:
-    """Reward and reference pools read the same rollout tables concurrently.
+    """Reward and reference pools read the same rollout tables concurrently (without a reference
+    pool, the learners compute the reference log-probs when they train).
 
     Timing: `reward_s` and `reference_s` are each from the shared start until that pool's last
     result was ready, so their overlap shows; pools running in the driver run one after the other.
     """
+    with_reference = with_reference and pools.reference is not None
     pools.reward.admit()  # actors placed since the last step join (an elastic pool)
     if with_reference:
         pools.reference.admit()

@@ -2,13 +2,14 @@
 reference and the learner group, plus the learner -> rollout weight route."""
 from __future__ import annotations
 
-from rlsr_ray.config import Config, pool_device, uses_weight_route
+from rlsr_ray.config import Config, pool_device, reference_in_learner, uses_weight_route
 
 
 def learner_settings(cfg: Config, lr: float, micro_steps: int):
     """The learner's settings from the config (rlsr_ray.sft passes its own learning rate)."""
     from actors.learner import LearnerSettings
     from rlsr_ray.algo.loss import LossSettings
+    from rlsr_ray.lora import LoraSpec
 
     a, t = cfg.algo, cfg.train
     return LearnerSettings(
@@ -21,6 +22,7 @@ def learner_settings(cfg: Config, lr: float, micro_steps: int):
         offload_optimizer=t.offload_optimizer, offload_params=t.offload_params,
         max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
         attn_implementation=cfg.model.attn_implementation,
+        lora=LoraSpec.from_config(t.lora), reference_in_learner=reference_in_learner(cfg),
     )
 
 
@@ -130,9 +132,12 @@ def _timeouts(cfg: Config) -> dict[str, float]:
                 startup_timeout_s=cfg.ray.startup_timeout_s)
 
 
-def rollout_pool(cfg: Config, policy_path: str):
+def rollout_pool(cfg: Config, policy_path: str, adapters: bool = True):
+    """`adapters`: under train.lora the actors hold adapters the learners' syncs replace; False
+    (evaluation) generates from the policy as it is."""
     from actors.pool import Pool
     from actors.rollout import RolloutActor
+    from rlsr_ray.lora import LoraSpec
 
     p, r = cfg.pools.rollout, cfg.rollout
     return Pool("rollout", RolloutActor, p, dict(
@@ -140,7 +145,8 @@ def rollout_pool(cfg: Config, policy_path: str):
         device=pool_device(p), torch_threads=p.torch_threads, generate_batch_size=r.generate_batch_size,
         vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization, seed=cfg.run.seed,
         vllm_tensor_parallel_size=r.vllm_tensor_parallel_size,
-        max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens),
+        max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens,
+        lora=LoraSpec.from_config(cfg.train.lora) if adapters else None),
         loads=f"loading the policy {policy_path} ({r.backend})", **_timeouts(cfg))
 
 
@@ -174,11 +180,12 @@ def build_pools(cfg: Config, policy_path: str, terms: list):
         learner = _built(built, learner_pool(cfg, policy_path))
         rollout = _built(built, rollout_pool(cfg, policy_path))
         reward = _built(built, reward_pool(cfg, terms))
-        reference = _built(built, Pool("reference", ReferenceActor, p.reference, dict(
-            policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=pool_device(p.reference),
-            torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
-            temperature=_temperature(cfg), logprob_chunk_tokens=t.logprob_chunk_tokens,
-            attn_implementation=cfg.model.attn_implementation),
+        reference = None if reference_in_learner(cfg) else _built(built, Pool(
+            "reference", ReferenceActor, p.reference, dict(
+                policy_path=policy_path, compute_dtype=cfg.model.compute_dtype, device=pool_device(p.reference),
+                torch_threads=p.reference.torch_threads, micro_batch_size=t.micro_batch_size,
+                temperature=_temperature(cfg), logprob_chunk_tokens=t.logprob_chunk_tokens,
+                attn_implementation=cfg.model.attn_implementation),
             loads=f"loading the policy {policy_path}", **_timeouts(cfg)))
         # The other pools go on loading meanwhile: their first calls wait on their constructors,
         # bounded by ray.startup_timeout_s from placement (Pool._check_started).

@@ -51,6 +51,8 @@ def run(cfg: Config) -> dict[str, Any]:
     from rlsr_ray import checkpoint, data, memory_plan
     from rlsr_ray.driver import trainer
     from rlsr_ray.driver.heldout import heldout_similarity, paired_delta
+    from rlsr_ray.config import reference_in_learner
+    from rlsr_ray.lora import MERGED, LoraSpec, check_targets
     from rlsr_ray.models import resolve_policy, resolve_reward_terms
     from rlsr_ray.policy import describe_compute_dtype
 
@@ -60,6 +62,12 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # Every input is checked before anything is written or started: bad input leaves no trace.
     policy_path = resolve_policy(cfg.model.policy, cfg.model.cache_dir)
+    spec = LoraSpec.from_config(cfg.train.lora)
+    if spec is not None:
+        check_targets(policy_path, spec)  # adapters on layers the policy has, before any weights load
+        if not reference_in_learner(cfg):
+            log.info("train.lora with a reference pool: it holds a second copy of the base; "
+                     "pools.reference.num_actors=0 computes the reference in the learners instead")
     memory_plan.check(cfg, policy_path)  # a pool over its device's memory is refused before anything starts
     reward_terms = resolve_reward_terms(cfg)
     train_tok, heldout_tok = prepare_data(cfg, policy_path)
@@ -90,6 +98,8 @@ def run(cfg: Config) -> dict[str, Any]:
                                           lambda at_most=None: rebuild_learner_group(cfg, policy_path, at_most))
         summary.update(trainer.throughput(rows), **saving,
                        final_checkpoint=str(checkpoint.step_dir(out, cfg.run.steps)))
+        if spec is not None:  # the adapter's checkpoint holds the plain HF folder of the result
+            summary["merged_model"] = str(checkpoint.step_dir(out, cfg.run.steps) / MERGED)
         if before is not None:
             after = heldout_similarity(pools, heldout, cfg.run.eval_max_new_tokens)
             summary["heldout"] = paired_delta(before["similarity"], after["similarity"])

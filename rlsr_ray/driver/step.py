@@ -138,7 +138,9 @@ def learner_parts(rounds: Rounds, scores: pa.Table, plan: StepPlan, cfg: Config)
         for rank, share in enumerate(shares):
             ranges = runs(rounds.kept_rows[at:at + len(share)])
             at += len(share)
-            per_rank[rank].append((pieces(roll_sizes, ranges), pieces(ref_sizes, ranges), share, norm, passes))
+            # No reference pool (LoRA): the learner scores its rows under its base itself.
+            ref = pieces(ref_sizes, ranges) if ref_tables else []
+            per_rank[rank].append((pieces(roll_sizes, ranges), ref, share, norm, passes))
     args = []
     for mbs_of_rank in per_rank:
         r_idx, r_sel = used([m[0] for m in mbs_of_rank])

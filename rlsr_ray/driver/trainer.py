@@ -55,12 +55,23 @@ def resumable(cfg: Config, folder: Path, policy_path: str) -> dict[str, Any]:
             f"{folder}: optimizer state is ZeRO-{saved['zero_stage']}, but this run has train.zero_stage="
             f"{cfg.train.zero_stage}; ZeRO-0 state resumes with ZeRO-0, ZeRO >= 1 state with any stage >= 1 "
             f"and any number of learners")
+    from rlsr_ray.lora import LoraSpec
+
+    spec = LoraSpec.from_config(cfg.train.lora)
+    if state.get("lora") != (spec.to_dict() if spec else None):
+        raise checkpoint.CheckpointError(
+            f"{folder}: written with train.lora {_lora_line(state.get('lora'))}, this run has "
+            f"{_lora_line(spec.to_dict() if spec else None)}; resume with the adapters that wrote it")
     if int(state.get("max_staleness", 0)) != cfg.algo.max_staleness:
         raise checkpoint.CheckpointError(
             f"{folder}: written with algo.max_staleness={state.get('max_staleness', 0)}, this run has "
             f"{cfg.algo.max_staleness}; resume with the setting that wrote it (its rollouts generated "
             f"ahead depend on it)")
     return state
+
+
+def _lora_line(spec: dict | None) -> str:
+    return "off" if spec is None else ", ".join(f"{k}={v}" for k, v in spec.items())
 
 
 def restore(cfg: Config, pools: Pools, out: Path, found: tuple[Path, dict[str, Any]] | None) -> Resume:
@@ -106,14 +117,15 @@ def baseline_eval(pools: Pools, heldout, max_new_tokens: int, out: Path) -> dict
 
 
 def save_checkpoint(pools: Pools, out: Path, step: int, schedule: Schedule, policy_path: str,
-                    keep: int) -> str:
+                    keep: int, final: bool = False) -> str:
+    """`final`: under LoRA the checkpoint also holds merged/, the plain HF folder of the result."""
     path = checkpoint.step_dir(out, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     pending = schedule.pending_tables()
     state = {"step": step, "policy_version": pools.policy_version, "cursor": schedule.cursor.state(),
              "reference_policy": policy_path, "max_staleness": schedule.cfg.algo.max_staleness}
     # Only rank 0 writes the rollouts generated ahead; the others get none.
-    args = [(str(path), state, pending if rank == 0 else None) for rank in range(pools.learner.size)]
+    args = [(str(path), state, pending if rank == 0 else None, final) for rank in range(pools.learner.size)]
     saved = pools.learner.call("save_pretrained", args)[0]
     checkpoint.prune(out, keep)
     return saved
@@ -162,7 +174,8 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
                 rows.append(row)
                 if step + 1 == cfg.run.steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                     t0 = time.perf_counter()
-                    path = save_checkpoint(pools, out, step + 1, schedule, policy_path, cfg.run.keep_checkpoints)
+                    path = save_checkpoint(pools, out, step + 1, schedule, policy_path, cfg.run.keep_checkpoints,
+                                           final=step + 1 == cfg.run.steps)
                     took = time.perf_counter() - t0
                     saving["checkpoint_s"] += took
                     saving["checkpoints"] += 1
@@ -200,7 +213,7 @@ def leave_draining_nodes(cfg: Config, pools: Pools, out: Path, train_tok, policy
     nodes = set(draining)
     left = {n: round(d - time.time(), 1) for n, d in draining.items()}
     log.warning("node(s) draining, seconds to their deadline: %s", left)
-    for pool in (pools.rollout, pools.reward, pools.reference):
+    for pool in pools.elastic():
         pool.retire(nodes)
     if not nodes & set(pools.learner.nodes()):
         return None

@@ -137,7 +137,7 @@ def generate_all(cfg: Config, checkpoints: list[tuple[str, str]], prompts: Promp
     try:
         for name, path in paths:
             t0 = time.perf_counter()
-            rollout = rollout_pool(cfg, path)
+            rollout = rollout_pool(cfg, path, adapters=False)
             try:
                 # Answers need only the rollout and reward roles: no reference log-probs, no learners.
                 rows = answers(Pools(rollout, reward, None, None), eval_prompts(cfg, prompts, path), spec)

@@ -46,7 +46,10 @@ class PolicyServer:
 
         # Prompt + answer must fit the positions the model has: past them an HF model fails inside
         # its forward pass, which a client would see as a 500.
-        self.context = AutoConfig.from_pretrained(checkpoint).get_text_config().max_position_embeddings
+        from rlsr_ray import lora
+
+        model = lora.base_path(checkpoint) if lora.is_adapter(checkpoint) else checkpoint  # an adapter's base
+        self.context = AutoConfig.from_pretrained(model).get_text_config().max_position_embeddings
         self.lock = asyncio.Lock()  # one generate at a time per replica; the rest wait their turn
 
     @app.get("/v1/models")
@@ -102,8 +105,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
-        print(f"rlsr_ray.serve: error: {args.checkpoint}: not an HF model folder (no config.json)", file=sys.stderr)
+    from rlsr_ray import lora
+
+    adapter = lora.is_adapter(args.checkpoint)
+    if not adapter and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        print(f"rlsr_ray.serve: error: {args.checkpoint}: neither an HF model folder (no config.json) nor a PEFT "
+              f"adapter folder (no adapter_config.json)", file=sys.stderr)
+        return 2
+    if adapter and args.backend == "vllm":
+        print(f"rlsr_ray.serve: error: {args.checkpoint}: the vllm backend serves a whole model: pass the merged "
+              f"folder ({os.path.join(args.checkpoint, lora.MERGED)} for a run's final checkpoint)", file=sys.stderr)
         return 2
     import ray
     from actors.pool import WORKER_ENV
