@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -200,11 +201,14 @@ class LearnerActor:
         tables (the first `rollout_tables` of `tables`) and the reference tables (the rest), which
         Ray hands over straight from the actors that made them."""
         rollouts, refs = tables[:rollout_tables], tables[rollout_tables:]
+        t0 = time.perf_counter()
         if self.s.reference_in_learner:  # one REF_LOGPROBS table per mini-batch, of its rows in order
             refs = tuple(self.reference_logprobs(gather(rollouts, p.rollouts, batch.ROLLOUTS)) for p in parts)
             parts = [dataclasses.replace(p, ref_logprobs=[(i, 0, len(t))]) for i, (p, t) in enumerate(zip(parts, refs))]
+        reference_s = time.perf_counter() - t0
         trains = batch.assemble_train(parts, rollouts, refs, f"learner[{self.rank}] input")
-        return self.train_step(trains, [p.normaliser for p in parts], [p.micro_steps for p in parts])
+        stats = self.train_step(trains, [p.normaliser for p in parts], [p.micro_steps for p in parts])
+        return {**stats, "reference_s": reference_s} if self.s.reference_in_learner else stats
 
     def train_step(self, minibatches: list[pa.Table], normalisers: list[float],
                    micro_steps: list[int] | None = None) -> dict[str, float]:

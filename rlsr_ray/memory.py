@@ -62,6 +62,16 @@ class ModelShape:
         layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate + 2 * h
         return self.layers * layer + self.vocab * h * (1 if self.tied else 2) + h
 
+    def lora_params(self, rank: int, targets: tuple[str, ...]) -> int:
+        """Adapter parameters: rank x (in + out) per adapted layer, by the Llama family's names."""
+        h, q, kv, i = self.hidden, self.q_width, self.kv_width, self.intermediate
+        dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+                "up_proj": (h, i), "down_proj": (i, h)}
+        unknown = [t for t in targets if t not in dims]
+        if unknown:
+            raise KeyError(f"no Llama-family layer {unknown[0]!r}")
+        return self.layers * sum(rank * sum(dims[t]) for t in targets)
+
     def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """vLLM's paged KV cache: a key and a value per layer and KV head."""
         return 2 * self.layers * self.kv_width * dtype_bytes
@@ -149,17 +159,19 @@ def reference_activation_bytes(s: ModelShape, m: Batch, dtype_bytes: int, attent
 
 
 def state_bytes(s: ModelShape, zero_stage: int, world: int, weights_bytes: int, optimizer: str = "adamw",
-                offload_optimizer: bool = False, offload_params: bool = False) -> dict:
+                offload_optimizer: bool = False, offload_params: bool = False, trained: int | None = None) -> dict:
     """Model states on one learner device (ZeRO paper accounting). float32 weights: weights,
     gradients and (AdamW) two moments; bf16 weights add float32 master weights to the optimizer's
     share (DeepSpeed's bf16 mode). ZeRO-1 partitions the optimizer's share over the world, ZeRO-2
-    the gradients too, ZeRO-3 the weights too; offload moves those shares to host memory."""
-    n = s.params
+    the gradients too, ZeRO-3 the weights too; offload moves those shares to host memory.
+    `trained`: the parameters that train (LoRA: the adapters, held beside the whole frozen base);
+    only they have gradients and optimizer states. None: all of them."""
+    n = s.params if trained is None else trained
     moments = 8 if optimizer == "adamw" else 0
     master = 4 if weights_bytes != 4 else 0
     opt = n * (moments + master)
     grads = n * (4 if weights_bytes == 4 else weights_bytes)
-    weights = n * weights_bytes
+    weights = (s.params + (0 if trained is None else trained)) * weights_bytes
     out = {
         "weights": weights / (world if zero_stage >= 3 else 1),
         "gradients": grads / (world if zero_stage >= 2 else 1),

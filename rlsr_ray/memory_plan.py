@@ -38,7 +38,7 @@ class PlanError(ValueError):
 
 def model_shape(policy: str) -> ModelShape | None:
     """The policy's shape: its local config.json, else the table above; None when neither knows."""
-    path = os.path.join(os.path.expanduser(policy), "config.json")
+    path = os.path.join(os.path.expanduser(_model(policy)), "config.json")
     if os.path.isfile(path):
         with open(path) as f:
             return ModelShape.from_config(json.load(f))
@@ -110,9 +110,11 @@ def learner_plan(cfg: Config, s: ModelShape) -> PoolPlan:
     b = _dtype_bytes(cfg, dev)
     weights_bytes = 2 if dev == "cuda" and b == 2 and t.zero_stage > 0 else 4  # DeepSpeed's bf16 mode, else float32
     world = max(1, p.num_actors)
-    parts = {f"{k} (ZeRO-{t.zero_stage}, {world} learners)": v for k, v in state_bytes(
-        s, t.zero_stage, world, weights_bytes, t.optimizer, t.offload_optimizer, t.offload_params).items()
-        if k != "total"}
+    trained = s.lora_params(t.lora.rank, t.lora.target_modules) if t.lora.enabled else None
+    what = f"ZeRO-{t.zero_stage}, {world} learners" + (f", LoRA rank {t.lora.rank}" if trained else "")
+    parts = {f"{k} ({what})": v for k, v in state_bytes(
+        s, t.zero_stage, world, weights_bytes, t.optimizer, t.offload_optimizer, t.offload_params,
+        trained).items() if k != "total"}
     if weights_bytes == 4 and b == 2:
         parts["autocast's bf16 weight copies"] = 2 * s.params
     if t.zero_stage == 3:
@@ -124,6 +126,9 @@ def learner_plan(cfg: Config, s: ModelShape) -> PoolPlan:
     parts[f"activations kept ({rows} x {m.width} tokens)"] = act["total"] - act["working"]
     parts["backward working set (largest layer or logits chunk)"] = act["working"]
     plan = PoolPlan("learner", dev, parts, device_gb(p))
+    if trained:
+        plan.notes.append(f"LoRA: {trained / 1e6:,.1f}M adapter parameters train ({trained / s.params:.2%} of "
+                          f"{s.params / 1e6:,.0f}M); the reference is this base, adapters off")
     states = plan.total - act["total"]
     plan.fix = ("train.gradient_checkpointing=true, train.logprob_chunk_tokens=1024 or a smaller "
                 "train.micro_batch_size (or train.max_tokens_per_micro_batch)"
@@ -180,6 +185,13 @@ def rollout_plan(cfg: Config, s: ModelShape) -> PoolPlan:
 def plan(cfg: Config, s: ModelShape) -> list[PoolPlan]:
     plans = [rollout_plan(cfg, s), reference_plan(cfg, s), learner_plan(cfg, s)]
     return [x for x in plans if getattr(cfg.pools, x.role).num_actors > 0 or x.role == "learner"]
+
+
+def _model(policy: str) -> str:
+    """A PEFT adapter folder's base (its shape is the base's), else the policy itself."""
+    from rlsr_ray import lora
+
+    return lora.base_path(policy) if lora.is_adapter(policy) else policy
 
 
 def check(cfg: Config, policy: str) -> list[PoolPlan]:

@@ -147,7 +147,8 @@ def _worker(job: dict[str, Any]) -> None:
     if writer is not None:
         writer.close()
         shutil.rmtree(out / "sft_staging", ignore_errors=True)  # each checkpoint went to storage
-    lrn.save_pretrained(job["final"])  # every rank (ZeRO-3 gathers); rank 0 writes
+    # Every rank (ZeRO-3 gathers); rank 0 writes. Under LoRA: the adapter, and merged/ beside it.
+    lrn.save_pretrained(job["final"], merged=True)
 
 
 def worker_device(device: str) -> str:
@@ -219,7 +220,7 @@ class SftError(RuntimeError):
 def require_final(final: Path, name: str) -> None:
     """Worker rank 0 writes final/ where it runs; a driver on another node (the head of the
     shipped clusters, which `rlsr_ray.compare` reads it from) sees it only on shared storage."""
-    if not (final / "config.json").is_file():
+    if not (final / "config.json").is_file() and not (final / "adapter_config.json").is_file():
         raise SftError(f"SFT run {name} finished, but {final} is not on this machine: the workers wrote it on "
                        "their node; put run.output_dir on storage every node shares (e.g. NFS)")
 
@@ -254,6 +255,10 @@ def run(cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(cfg.run.output_dir).expanduser().resolve()  # Ray Train needs an absolute storage path
     policy = resolve_policy(cfg.model.policy, cfg.model.cache_dir)
+    if cfg.train.lora.enabled:  # adapters on layers the policy has, before any weights load
+        from rlsr_ray.lora import LoraSpec, check_targets
+
+        check_targets(policy, LoraSpec.from_config(cfg.train.lora))
     rows = sft_rows(cfg, policy)
     s = cfg.sft
     storage = storage_root(cfg, out)
@@ -296,6 +301,8 @@ def run(cfg: Config) -> dict[str, Any]:
                "ray_train_run": name, "storage_path": storage,
                "checkpoint": result.checkpoint.path if result.checkpoint else None,
                "total_s": time.perf_counter() - t0}
+    if cfg.train.lora.enabled:  # final/ is the adapter (PEFT's format); merged/ in it the whole model
+        summary["merged_model"] = str(Path(job["final"]) / "merged")
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

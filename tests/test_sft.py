@@ -213,3 +213,30 @@ def test_on_a_local_ray_sft_runs_without_the_placement_group_cleaner():
     assert PlacementGroupCleanerCallback.__name__ in joined
     assert local == [k for k in joined if k != PlacementGroupCleanerCallback.__name__]
     assert type(built(True).backend_config) is BackendConfig  # not TorchConfig
+
+
+@pytest.mark.slow
+def test_sft_with_lora_writes_an_adapter_peft_loads_and_a_merged_folder(tmp_path):
+    """Two workers (ZeRO-2) train rank-4 adapters for three steps: final/ is a PEFT adapter folder
+    of the base, final/merged a plain transformers folder, and the two compute the same policy,
+    which is not the base's."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlsr_ray.models import resolve_policy
+
+    out = tmp_path / "lora"
+    done = _sft(out, "--sft.steps=3", "--train.lora.enabled=true", "--train.lora.rank=4")
+    summary = json.loads((out / "sft_summary.json").read_text())
+    assert summary["merged_model"] == str(out / "final" / "merged"), done.stdout[-2000:]
+    base_path = resolve_policy("tiny-random", "~/.cache/rlsr_ray")
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(out / "final"))
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged")
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    ids = torch.tensor([[1, 5, 9, 12, 40, 41]])
+    with torch.no_grad():
+        a, m, b = adapted(ids).logits, merged(ids).logits, base(ids).logits
+    assert torch.allclose(a, m, atol=1e-4)  # float32 rounding of the merge's sum, logits of order 1
+    assert (a - b).abs().max() > 1e-4  # the adapters learned something
+    assert not list((out / "final").glob("model*.safetensors"))  # the base is not copied

@@ -173,6 +173,8 @@ def train(pools: Pools, args: list[tuple]) -> dict[str, float]:
         "train_padding_fraction": sum(s["padding_tokens"] for s in stats) / max(
             1.0, sum(s["padding_tokens"] + s["sequence_tokens"] for s in stats)),
     }
+    if "reference_s" in stats[0]:  # no reference pool: the learners scored their rows under the base first
+        out["learner_reference_s"] = max(s["reference_s"] for s in stats)
     if "peak_memory_mb" in stats[0]:  # CUDA learners
         out["learner_peak_memory_mb"] = max(s["peak_memory_mb"] for s in stats)
     return out
@@ -237,7 +239,7 @@ def rlsr_step(cfg: Config, pools: Pools, plan: StepPlan, gen: Generation, step: 
     row["train_groups"] = len(scores) // cfg.rollout.samples_per_prompt
     row.update({
         # rollout_s: waiting for the first generation (0 when it finished during the last step).
-        "rollout_s": rounds.gens[0].wait_s, "reward_s": timing["reward_s"], "reference_s": timing["reference_s"],
+        "rollout_s": rounds.gens[0].wait_s, "reward_s": timing["reward_s"], "reference_s": timing.get("reference_s", 0.0),
         "score_wall_s": t_score - t0 - rounds.gens[0].wait_s, "advantage_s": t_join - t_score,
         "train_s": t_train - t_join, "weight_sync_s": t_sync - t_train,
         "step_s": t_sync - t0, "samples_per_s": base["samples"] / (t_sync - t0),

@@ -42,9 +42,18 @@ def arm_configs(cfg: Config) -> dict[str, Config]:
     return {
         "sft": with_values(cfg, {"run.output_dir": str(out / "sft"), "run.resume": "auto"}),
         "rlsr": with_values(cfg, {"run.output_dir": str(out / "rlsr"), **rl}),
-        "sft_rlsr": with_values(cfg, {"run.output_dir": str(out / "sft_rlsr"), "model.policy": str(out / "sft" / "final"),
+        "sft_rlsr": with_values(cfg, {"run.output_dir": str(out / "sft_rlsr"), "model.policy": sft_policy(cfg, out),
                                       **rl}),
     }
+
+
+def sft_policy(cfg: Config, out: Path) -> str:
+    """The SFT arm's result as a whole model: under train.lora its final adapter's merged folder,
+    so the SFT+RLSR arm trains new adapters on (and takes as its reference) the SFT policy."""
+    from rlsr_ray.lora import MERGED
+
+    final = out / "sft" / "final"
+    return str(final / MERGED if cfg.train.lora.enabled else final)
 
 
 def compare(cfg: Config) -> dict[str, Any]:
@@ -75,9 +84,10 @@ def compare(cfg: Config) -> dict[str, Any]:
             log.info("compare: training %s", name)
             (sft.run if name == "sft" else run.run)(arm_cfg)
             timings[name] = time.perf_counter() - t
-        finals = {"base": cfg.model.policy, "sft": str(out / "sft" / "final")}
+        finals = {"base": cfg.model.policy, "sft": sft_policy(cfg, out)}
         for name in ("rlsr", "sft_rlsr"):
-            finals[name] = json.loads((out / name / "summary.json").read_text())["final_checkpoint"]
+            summary = json.loads((out / name / "summary.json").read_text())
+            finals[name] = summary.get("merged_model", summary["final_checkpoint"])  # LoRA: the merged folder
         t = time.perf_counter()
         evaluate(with_values(cfg, {"eval.output_dir": str(out / "eval")}), list(finals.items()), PAIRS)
         timings["eval"] = time.perf_counter() - t
