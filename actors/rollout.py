@@ -30,7 +30,7 @@ class RolloutActor:
             self.backend = VLLMBackend(policy_path, {self.tok.eos_token_id}, compute_dtype,
                                        vllm_gpu_memory_utilization, vocab_size=len(self.tok),
                                        seed=mixed_seed(seed, rank), tensor_parallel_size=vllm_tensor_parallel_size,
-                                       max_model_len=max_model_len)
+                                       max_model_len=max_model_len, lora=lora)
         else:
             from actors.hf_backend import TransformersBackend
 

@@ -21,9 +21,21 @@ VOCAB_MASK = "actors.vllm_logits:TokenizerVocabMask"
 VOCAB_MASK_ARG = "rlsr_token_limit"
 
 
+# vLLM's max_lora_rank takes these values only (vllm/config/lora.py, MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def max_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM sizes its LoRA buffers for that holds adapters of `rank`."""
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"LoRA rank {rank} is over vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+    return fits[0]
+
+
 def engine_kwargs(policy_path: str, compute_dtype: str, gpu_memory_utilization: float, seed: int,
                   mask_padded_vocab: bool = False, tensor_parallel_size: int = 1,
-                  max_model_len: int | None = None) -> dict[str, Any]:
+                  max_model_len: int | None = None, lora_rank: int | None = None) -> dict[str, Any]:
     """`vllm.LLM` arguments. `seed` is the engine's: it drives only requests that bring no seed
     of their own, and rlsr_ray's always bring one (sampling_kwargs).
     `max_model_len`: prompt + answer limit; without it vLLM sizes for the model's whole context
@@ -49,6 +61,10 @@ def engine_kwargs(policy_path: str, compute_dtype: str, gpu_memory_utilization: 
         kwargs["max_model_len"] = max_model_len
     if tensor_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "mp"
+    if lora_rank is not None:
+        # One adapter at a time: each sync brings the policy's next version, and the requests of a
+        # generate call all name the current one (an LRU of one slot drops the one before).
+        kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank(lora_rank), max_loras=1)
     return kwargs
 
 
@@ -141,10 +157,79 @@ def use_v2_runner(environ: dict) -> None:
     environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
 
 
+def remove_orphans(folder: str) -> list[str]:
+    """Adapter folders of rollout actors that are gone (Ray ends an actor by SIGKILL, so none
+    removes its own): shared memory is RAM. Their names carry the writer's pid."""
+    import shutil
+
+    removed = []
+    for name in os.listdir(folder):
+        parts = name.split("_")
+        if name.startswith("rlsr_lora_") and len(parts) >= 4 and parts[2].isdigit() and not _alive(int(parts[2])):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class AdapterFiles:
+    """LoRA under vLLM: each sync's adapters become a PEFT folder in shared memory (/dev/shm, RAM)
+    and a LoRARequest naming it under the next id, which the engine's workers load at the first
+    request that names it (vLLM's own loader and checks: PEFTHelper, LoRAModel.from_local_checkpoint).
+    It is the adapter path vLLM 0.33's public API offers: an adapter in memory would need its
+    private worker-side manager. Folders no request can name any more are removed."""
+
+    def __init__(self, spec, base: str):
+        import tempfile
+
+        self.spec, self.base = spec, base
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        remove_orphans(shm)
+        self.root = tempfile.mkdtemp(prefix=f"rlsr_lora_{os.getpid()}_", dir=shm)
+        self.request = None  # None until the first sync: the base, as fresh adapters (B = 0) compute
+        self.folders: list[str] = []
+
+    def load(self, tensors: dict) -> None:
+        import shutil
+
+        from vllm.lora.request import LoRARequest
+
+        from rlsr_ray import lora
+
+        n = self.request.lora_int_id + 1 if self.request is not None else 1  # vLLM's ids start at 1
+        folder = os.path.join(self.root, f"v{n}")
+        lora.write_adapter(folder, tensors, self.spec, self.base)
+        self.request = LoRARequest(f"rlsr-policy-{n}", n, folder)
+        self.folders.append(folder)
+        while len(self.folders) > 2:  # the one before may still be read by a load in flight
+            shutil.rmtree(self.folders.pop(0), ignore_errors=True)
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 class VLLMBackend:
     def __init__(self, policy_path: str, eos_ids: set[int], compute_dtype: str, gpu_memory_utilization: float,
-                 vocab_size: int, seed: int = 0, tensor_parallel_size: int = 1, max_model_len: int | None = None):
+                 vocab_size: int, seed: int = 0, tensor_parallel_size: int = 1, max_model_len: int | None = None,
+                 lora=None):
         from transformers import AutoConfig
+
+        from rlsr_ray.lora import MERGED, is_adapter
+
+        if is_adapter(policy_path):
+            raise ValueError(f"{policy_path}: the vllm backend loads a whole model, not a PEFT adapter folder; "
+                             f"pass the merged folder ({os.path.join(policy_path, MERGED)} for a run's final checkpoint)")
         from vllm import LLM  # imported here: the package exists only on CUDA machines
 
         logits = AutoConfig.from_pretrained(policy_path).get_text_config().vocab_size
@@ -155,7 +240,9 @@ class VLLMBackend:
         self.joined = False  # whether the engine's worker holds an end of the weight route
         self.llm = LLM(**engine_kwargs(policy_path, compute_dtype, gpu_memory_utilization, seed,
                                        mask_padded_vocab=self.token_limit is not None,
-                                       tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len))
+                                       tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                                       lora_rank=lora.rank if lora is not None else None))
+        self.adapters = AdapterFiles(lora, policy_path) if lora is not None else None
         # The engine runs in child processes: they must die with this actor, or a restarted actor
         # finds the GPU still full (actors/reaper.py).
         self.reaper = reap_with_this_process(child_pids())
@@ -167,7 +254,9 @@ class VLLMBackend:
 
         seeds = prompt_seeds(spec, range(len(prompts)) if keys is None else keys)
         params = [SamplingParams(**sampling_kwargs(spec, self.token_limit, seed)) for seed in seeds]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        adapter = self.adapters.request if self.adapters is not None else None
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False,
+                                 lora_request=adapter)
         return [to_samples(o, self.eos_ids) for o in outs]
 
     @property
@@ -191,12 +280,17 @@ class VLLMBackend:
         self.llm.collective_rpc("rlsr_close_route")
 
     def load_weights(self, state_dict: dict) -> None:
-        """Object-store fallback: the worker reads a safetensors file (tensors never go by RPC)."""
+        """Object-store fallback: the worker reads a safetensors file (tensors never go by RPC).
+        Under LoRA the adapters alone, as the next adapter version (AdapterFiles)."""
         import tempfile
 
         from safetensors.torch import save_file
 
         from rlsr_ray.policy import state_dict_to_torch
+
+        if self.adapters is not None:
+            self.adapters.load(state_dict_to_torch(state_dict))
+            return
 
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         with tempfile.TemporaryDirectory(dir=shm) as tmp:

@@ -376,6 +376,8 @@ def reference_in_learner(cfg: Config) -> bool:
 def uses_weight_route(cfg: Config) -> bool:
     """Whether weights go learner -> rollout over the weight route (else the object store)."""
     r, p = cfg.rollout, cfg.pools
+    if cfg.train.lora.enabled and r.backend == "vllm":
+        return False  # adapters reach vLLM as adapter folders (actors/vllm_backend.py, AdapterFiles)
     cuda = pool_device(p.learner) == "cuda" and pool_device(p.rollout) == "cuda"
     return r.weight_sync == "group" or (r.weight_sync == "auto" and cuda)
 
@@ -506,6 +508,12 @@ def _validate_vllm(cfg: Config, need) -> None:
          cfg.pools.rollout.num_gpus)
     need(sys.version_info >= (3, 11), "rollout.backend", "vLLM 0.33 needs Python >= 3.11, this is "
          f"{sys.version_info.major}.{sys.version_info.minor}", r.backend)
+    lo = cfg.train.lora
+    if lo.enabled:
+        need(lo.rank <= 512, "train.lora.rank", "the vllm backend takes adapters of rank <= 512", lo.rank)
+        need(r.weight_sync != "group", "rollout.weight_sync", "under train.lora the vllm backend loads each "
+             "sync's adapters as an adapter folder (LoRARequest), not over the weight route: use auto or "
+             "object_store", r.weight_sync)
     need(r.temperature <= 2, "rollout.temperature", "the vllm backend allows [0, 2]", r.temperature)
     need(cfg.eval.temperature <= 2, "eval.temperature", "the vllm backend allows [0, 2]", cfg.eval.temperature)
     # vLLM's log-probs are those of the distribution it sampled from, renormalised after

@@ -130,3 +130,22 @@ def load_merged(adapter: str, load_base):
     if not base:
         raise LoraError(f"{adapter}/{ADAPTER_CONFIG}: no base_model_name_or_path")
     return PeftModel.from_pretrained(load_base(base), str(adapter)).merge_and_unload()
+
+
+def peft_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """State-dict names -> PEFT's folder names: the adapter's name dropped (".lora_A.default." ->
+    ".lora_A."), as peft's get_peft_model_state_dict writes them and vLLM's loader reads them."""
+    return {name.replace(f".{ADAPTER}.", "."): t for name, t in tensors.items()}
+
+
+def write_adapter(folder: str | Path, tensors: dict[str, torch.Tensor], spec: LoraSpec, base: str) -> None:
+    """A PEFT adapter folder from adapter tensors (state-dict names), without the model: what
+    peft's save_pretrained writes (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = spec.peft_config()
+    config.base_model_name_or_path = base
+    config.save_pretrained(str(folder))
+    save_file({k: v.contiguous() for k, v in peft_names(tensors).items()}, str(folder / "adapter_model.safetensors"))

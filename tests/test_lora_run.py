@@ -18,10 +18,11 @@ pytestmark = pytest.mark.slow
 
 # ZeRO-3 over two learners (each writes its share of the adapters' optimizer state, the frozen
 # base partitioned too), no reference pool (the learners score under their base), one step of
-# rollouts generated ahead.
+# rollouts generated ahead, the adapters broadcast over the weight route (gloo here); the object
+# store's path for them is tests/test_lora.py's.
 ARGS = ["tiny", "--run.steps=3", "--run.save_every=1", "--train.lora.enabled=true", "--train.lora.rank=4",
         "--pools.reference.num_actors=0", "--train.zero_stage=3", "--pools.learner.num_actors=2",
-        "--algo.max_staleness=1", "--ray.address=local"]
+        "--algo.max_staleness=1", "--rollout.weight_sync=group", "--ray.address=local"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
@@ -61,6 +62,7 @@ def test_a_lora_run_trains_adapters_and_syncs_only_them(runs, tiny_policy):
     adapter_mb = sum(t.numel() * 4 for t in adapter.values()) / 1e6  # float32 on the wire
     for r in rows:
         assert r["weight_sync_mb"] == pytest.approx(adapter_mb)  # the adapters, not the 2-layer policy
+        assert r["weight_sync_path"] == "group"
         assert math.isfinite(r["reward_similarity_mean"]) and "reward_copy_penalty_mean" in r
         assert r["learner_reference_s"] > 0 and "actors_reference" not in r  # no reference pool
     # The policy moves away from its base (the reference), which a KL of exactly 0 would deny.

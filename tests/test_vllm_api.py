@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -261,3 +262,87 @@ def test_mixed_seed_spreads_nearby_inputs():
     seeds = {mixed_seed(0, r) for r in range(64)} | {mixed_seed(1, r) for r in range(64)}
     assert len(seeds) == 128 and max(seeds) < 2**62
     assert math.isclose(np.mean([s / 2**62 for s in seeds]), 0.5, abs_tol=0.15)  # not clustered near 0
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_engine_args_enable_lora_at_a_rank_vllm_sizes_for(tiny_policy):
+    from vllm.config.lora import LoRAConfig
+
+    args = EngineArgs(**vb.engine_kwargs(tiny_policy, "bfloat16", 0.85, seed=1, lora_rank=12))
+    assert args.enable_lora and args.max_lora_rank == 16 and args.max_loras == 1
+    LoRAConfig(max_lora_rank=args.max_lora_rank, max_loras=args.max_loras)  # vLLM's own validation
+    assert [vb.max_lora_rank(r) for r in (1, 2, 8, 9, 320, 512)] == [1, 8, 8, 16, 320, 512]
+    with pytest.raises(ValueError, match="over vLLM's largest max_lora_rank 512"):
+        vb.max_lora_rank(513)
+    assert not EngineArgs(**vb.engine_kwargs(tiny_policy, "bfloat16", 0.85, seed=1)).enable_lora
+
+
+def test_each_syncs_adapters_load_through_vllms_own_lora_loader(tiny_policy, monkeypatch):
+    """A sync's adapters as AdapterFiles writes them, read by vLLM's PEFTHelper (with its rank and
+    bias checks) and LoRAModel.from_local_checkpoint as its worker reads them: every adapted layer
+    of both decoder layers, A and B the learner's values, and vLLM's scale alpha / r. The punica
+    kernels that apply them need CUDA (not run here). STAND-IN: pinned host memory (CUDA) is off."""
+    import vllm.lora.lora_model as lora_model
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    from rlsr_ray import lora
+    from rlsr_ray.policy import load_causal_lm
+
+    monkeypatch.setattr(lora_model, "PIN_MEMORY", False)
+    spec = lora.LoraSpec(4, 8.0, 0.0, LORA_TARGETS)
+    torch.manual_seed(0)
+    model = lora.wrap(load_causal_lm(tiny_policy), spec)
+    sent = {k: v.detach().clone().normal_() for k, v in lora.adapter_tensors(model).items()}  # a trained B != 0
+    files = vb.AdapterFiles(spec, tiny_policy)
+    try:
+        assert files.request is None  # before the first sync: the base
+        versions = []
+        for _ in range(3):
+            files.load(sent)
+            versions.append(files.request)
+        assert [r.lora_int_id for r in versions] == [1, 2, 3]  # a new id per sync: vLLM loads it afresh
+        assert len({r.lora_name for r in versions}) == 3
+        assert not os.path.exists(versions[0].lora_path) and os.path.exists(versions[1].lora_path)
+        helper = PEFTHelper.from_local_dir(versions[-1].lora_path, 2048)
+        helper.validate_legal(LoRAConfig(max_lora_rank=vb.max_lora_rank(spec.rank), max_loras=1))
+        loaded = lora_model.LoRAModel.from_local_checkpoint(versions[-1].lora_path, set(LORA_TARGETS),
+                                                            peft_helper=helper, lora_model_id=3, device="cpu",
+                                                            dtype=torch.float32)
+        assert len(loaded.loras) == 2 * len(LORA_TARGETS)
+        for module, w in loaded.loras.items():
+            name = f"base_model.model.{module}"
+            assert torch.equal(w.lora_a, sent[f"{name}.lora_A.default.weight"])
+            assert torch.equal(w.lora_b, sent[f"{name}.lora_B.default.weight"])
+            assert w.scaling == spec.alpha / spec.rank
+    finally:
+        files.close()
+    assert not os.path.exists(files.root)
+
+
+def test_adapter_folders_of_dead_rollout_actors_are_removed(tmp_path):
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["sleep", "0"])
+    dead.wait()  # reaped: its pid names no process now
+    (tmp_path / f"rlsr_lora_{dead.pid}_abc").mkdir()
+    (tmp_path / f"rlsr_lora_{os.getpid()}_def").mkdir()  # alive: kept
+    (tmp_path / "other").mkdir()
+    assert vb.remove_orphans(str(tmp_path)) == [f"rlsr_lora_{dead.pid}_abc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", f"rlsr_lora_{os.getpid()}_def"]
+
+
+def test_config_refuses_lora_settings_vllm_cannot_take():
+    from rlsr_ray.config import ConfigError, load_config
+
+    base = ["--rollout.backend=vllm", "--pools.rollout.num_gpus=1", "--train.lora.enabled=true"]
+    with pytest.raises(ConfigError, match="train.lora.rank: 600 is out of range; the vllm backend takes adapters"):
+        load_config("tiny", [*base, "--train.lora.rank=600"])
+    with pytest.raises(ConfigError, match="rollout.weight_sync: 'group' is out of range; under train.lora"):
+        load_config("tiny", [*base, "--rollout.weight_sync=group"])
+    from rlsr_ray.config import uses_weight_route
+
+    assert not uses_weight_route(load_config("tiny", [*base, "--pools.learner.num_gpus=1"]))
