@@ -414,11 +414,6 @@ def validate(cfg: Config) -> None:
     need(t.logprob_chunk_tokens >= 0, "train.logprob_chunk_tokens", "must be >= 0 (0: no chunks)",
          t.logprob_chunk_tokens)
     _validate_lora(t.lora, need)
-    # ZeRO-3 leaves a frozen LM head partitioned when a chunk's logits are recomputed in backward
-    # (torch's checkpoint then finds a [0] weight where the forward had the whole matrix).
-    need(not (t.lora.enabled and t.zero_stage == 3 and t.logprob_chunk_tokens > 0), "train.logprob_chunk_tokens",
-         "under train.lora with train.zero_stage=3 it is not supported yet: use train.zero_stage <= 2 (the frozen "
-         "base is then whole on every learner) or 0 here", t.logprob_chunk_tokens)
     need(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", a.kl_coef)
     need(0 < a.clip_eps < 1, "algo.clip_eps", "must be in (0, 1)", a.clip_eps)
     need(0 <= a.lcs_min_fraction <= 1, "algo.lcs_min_fraction", "must be in [0, 1]", a.lcs_min_fraction)

@@ -174,11 +174,65 @@ def _chunked_forward_logprobs(model, batch: PaddedBatch, temperature: float, com
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                   use_cache=False, logits_to_keep=1)
             hidden = seen[-1][:, P - 1:P + T - 1]  # [B, T, H]: position P-1+j predicts response token j
-            return chunked_token_logprobs(hidden, hf.get_output_embeddings(), batch.response_ids,
-                                          batch.response_mask, temperature, chunk_tokens, vocab_size,
-                                          getattr(hf.config, "final_logit_softcapping", None))
+            head = hf.get_output_embeddings()
+            args = (batch.response_ids, batch.response_mask, temperature, chunk_tokens, vocab_size,
+                    getattr(hf.config, "final_logit_softcapping", None))
+            if hasattr(head.weight, "ds_id"):  # partitioned by ZeRO-3
+                return _zero3_chunked(hidden, head, args)
+            return chunked_token_logprobs(hidden, head, *args)
     finally:
         hook.remove()
+
+
+def _zero3_chunked(hidden: torch.Tensor, head, args: tuple) -> torch.Tensor:
+    """chunked_token_logprobs with a ZeRO-3 head, whole once in forward and once in backward.
+
+    Through the module, each chunk (and each recompute of it in backward) would gather the head and
+    release it again: one collective per chunk, whose count differs between ranks with different
+    token counts, and a frozen (LoRA) head is not gathered at all when a chunk is recomputed in
+    backward. Here the head's weight is gathered around the forward's chunks, and again from the
+    first chunk's backward (the log-probs' gradient arrives) to the last (the hidden states' is
+    whole), by identity autograd functions on both ends; the chunks apply it as a plain linear map."""
+    import deepspeed
+
+    params = [p for p in head.parameters()]
+    window = _Gathered(params)
+    hidden = _OnBackward.apply(hidden, window.close)  # runs after every chunk's backward
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        out = chunked_token_logprobs(hidden, lambda x: torch.nn.functional.linear(x, head.weight, head.bias), *args)
+    return _OnBackward.apply(out, window.open)  # runs before any chunk's backward
+
+
+class _Gathered:
+    """ZeRO-3 parameters gathered from open() to close() (a GatheredParameters context held open)."""
+
+    def __init__(self, params: list):
+        self.params, self.context = params, None
+
+    def open(self) -> None:
+        import deepspeed
+
+        self.context = deepspeed.zero.GatheredParameters(self.params, modifier_rank=None)
+        self.context.__enter__()
+
+    def close(self) -> None:
+        if self.context is not None:
+            self.context.__exit__(None, None, None)
+            self.context = None
+
+
+class _OnBackward(torch.autograd.Function):
+    """Identity whose backward first calls `action` (no gradient of its own)."""
+
+    @staticmethod
+    def forward(ctx, x, action):
+        ctx.action = action
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.action()
+        return grad, None
 
 
 @torch.no_grad()

@@ -128,7 +128,7 @@ def test_missing_model_path(arg, fragment, tmp_path, capsys):
 def test_model_folder_without_config(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     code, errors, _ = run_main(["tiny", f"--model.policy={tmp_path / 'm'}"], capsys)
-    assert code == 2 and "not an HF model folder" in errors[0]
+    assert code == 2 and "neither an HF model folder (no config.json) nor a PEFT adapter folder" in errors[0]
 
 
 def _checkpoint_dir(tmp_path, state_text: str | None):

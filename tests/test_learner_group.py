@@ -36,15 +36,20 @@ def train(tiny_policy, tiny_tokenizer, minilm_path):
                         RewardActor(paper(minilm_path)), prompts)
 
 
-@pytest.mark.parametrize("zero_stage, budget", [(0, 0), (2, 0), (3, 0), (2, 150)])
-def test_two_learners_make_the_one_learner_update(local_ray, tiny_policy, train, zero_stage, budget):
+@pytest.mark.parametrize("zero_stage, budget, chunks", [(0, 0, 0), (2, 0, 0), (3, 0, 0), (2, 150, 0), (3, 0, 5)])
+def test_two_learners_make_the_one_learner_update(local_ray, tiny_policy, train, zero_stage, budget, chunks):
     """budget: micro-batches packed by padded tokens (about two rows each here), so each rank makes
-    as many passes as its own rows need and the group as many as the busiest rank's."""
+    as many passes as its own rows need and the group as many as the busiest rank's. chunks: the
+    LM head on 5 tokens at a time with ZeRO-3, where ranks with different token counts make
+    different numbers of chunks (the head is gathered per micro-batch, not per chunk)."""
+    if chunks:
+        train = _last_answer_cut(train, 3)
     norm = float(sum(len(x) for x in train.column("response_ids").to_pylist()))
     one = settings(micro_batch_size=8, micro_steps=2, lr=1.0, optimizer="sgd", zero_stage=zero_stage)
     single = _update(learner(tiny_policy, one), [train], [norm])
 
-    two = dataclasses.replace(one, micro_steps=1, max_tokens_per_micro_batch=budget)  # 8 of the 16 rows on each rank
+    two = dataclasses.replace(one, micro_steps=1, max_tokens_per_micro_batch=budget,  # 8 of the 16 rows on each rank
+                              logprob_chunk_tokens=chunks, gradient_checkpointing=chunks > 0)
     group = Pool("learner", LearnerActor, PoolConfig(num_actors=2, num_cpus=1),
                  dict(policy_path=tiny_policy, settings=two, world_size=2), ray_restarts=False,
                  call_timeout_s=300)
@@ -58,9 +63,25 @@ def test_two_learners_make_the_one_learner_update(local_ray, tiny_policy, train,
     finally:
         group.shutdown()
     assert sum(s["tokens"] for s in stats) == norm
+    if chunks:  # the ranks' chunk counts differ
+        assert len({-(-int(s["tokens"]) // chunks) for s in stats}) == 2, [s["tokens"] for s in stats]
     assert_same_update(single, {k: w1[k] - w0[k] for k in w0})
     if budget:
         assert all(s["micro_batches"] > 1 for s in stats), stats
+
+
+def _last_answer_cut(train, n: int):
+    """The table with its last row's answer (and its log-probs) cut to n tokens."""
+    import pyarrow as pa
+
+    cols = {}
+    for name in ("response_ids", "rollout_logprobs", "ref_logprobs"):
+        values = train.column(name).to_pylist()
+        values[-1] = values[-1][:n]
+        cols[name] = pa.array(values, train.schema.field(name).type)
+    for name, values in cols.items():
+        train = train.set_column(train.schema.get_field_index(name), name, values)
+    return batch.check(train, batch.TRAIN, "cut")
 
 
 def _rollout_weights(ray, pool: Pool) -> list[dict]:

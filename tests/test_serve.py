@@ -117,7 +117,7 @@ def test_bad_checkpoint_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rlsr_ray.serve", str(tmp_path / "nope")], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert "not an HF model folder" in proc.stderr
+    assert "neither an HF model folder (no config.json) nor a PEFT adapter folder" in proc.stderr
 
 
 def test_the_eval_judge_talks_to_this_server(server):
