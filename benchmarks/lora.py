@@ -10,8 +10,11 @@ Two parts, each variant in a fresh process:
   summary.json (samples/s, held-out similarity before -> after) and metrics.jsonl (bytes and
   seconds per sync).
 
-    python benchmarks/lora.py --out benchmarks/results/lora_cpu.json [--parts states,runs]
-        [--lora-lr 3e-4] [--rank 16]
+    python benchmarks/lora.py --out benchmarks/results/lora_cpu.json [--parts states,full,lora]
+        [--lora-lr 3e-5,2e-4] [--rank 16]
+
+`--lora-lr` takes one or more learning rates (a LoRA run each; default: the preset's). Parts not
+run keep their figures from an existing `--out` file, so one variant can be re-measured alone.
 
 State the machine's CPU class with the figures: `cpu` in the output is torch's capability string.
 """
@@ -25,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout: actors/ beside rlsr_ray/
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -32,7 +37,7 @@ def states(lora_rank: int) -> dict:
     """One learner's states after one update, and one sync's bytes and seconds (in this process)."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     from learner_memory import _table
 
     from actors.hf_backend import TransformersBackend
@@ -98,9 +103,9 @@ def run(out_dir: Path, extra: list[str]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--parts", default="states,runs")
+    ap.add_argument("--parts", default="states,full,lora")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--lora-lr", type=float, default=None, help="train.lr of the LoRA run (default: the preset's)")
+    ap.add_argument("--lora-lr", default=None, help="train.lr of the LoRA runs, comma-separated (default: the preset's)")
     ap.add_argument("--work", default="outputs/bench_lora")
     ap.add_argument("--states-of", type=int, default=None, help=argparse.SUPPRESS)  # one fresh process's part
     args = ap.parse_args()
@@ -109,8 +114,10 @@ def main() -> int:
         return 0
     import torch
 
-    result: dict = {"cpu": torch.backends.cpu.get_cpu_capability(), "date": time.strftime("%Y-%m-%d"),
-                    "rank": args.rank}
+    out = Path(args.out)
+    result: dict = json.loads(out.read_text()) if out.exists() else {}
+    result.update({"cpu": torch.backends.cpu.get_cpu_capability(), "date": time.strftime("%Y-%m-%d"),
+                   "rank": args.rank})
     parts = args.parts.split(",")
     if "states" in parts:
         result["states"] = []
@@ -120,12 +127,18 @@ def main() -> int:
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr[-3000:])
             result["states"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    if "runs" in parts:
-        work = Path(args.work)
+    work = Path(args.work)
+    runs = {json.dumps(r["overrides"]): r for r in result.get("runs", [])}
+    if "full" in parts:
+        r = run(work / "full", [])
+        runs[json.dumps(r["overrides"])] = r
+    if "lora" in parts:
         lora = ["--train.lora.enabled=true", f"--train.lora.rank={args.rank}", "--pools.reference.num_actors=0"]
-        if args.lora_lr is not None:
-            lora.append(f"--train.lr={args.lora_lr}")
-        result["runs"] = [run(work / "full", []), run(work / f"lora_r{args.rank}", lora)]
+        for lr in (args.lora_lr.split(",") if args.lora_lr else [None]):
+            extra = lora + ([f"--train.lr={float(lr)}"] if lr else [])
+            r = run(work / (f"lora_r{args.rank}" + (f"_lr{lr}" if lr else "")), extra)
+            runs[json.dumps(r["overrides"])] = r
+    result["runs"] = list(runs.values())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -279,6 +279,16 @@ class RunConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk; 0 keeps all
     resume: Optional[str] = None  # "auto": latest complete checkpoint in output_dir, or a path
     progress: bool = True
+    # Where the driver reports metrics besides metrics.jsonl: any of "tensorboard" (event files in
+    # output_dir/tensorboard), "wandb", "mlflow"; [none] for none. Only the driver logs: the config
+    # as parameters, every step's row, each checkpoint's path, the summary and output files at the end.
+    report_to: tuple[str, ...] = ("tensorboard",)
+    tracking_project: str = "rlsr_ray"  # the wandb project and the MLflow experiment
+    tracking_run_name: Optional[str] = None  # None: the output folder's name
+    tracking_group: Optional[str] = None  # wandb's group, MLflow's parent run; compare sets it for its arms
+    # MLflow's store, e.g. sqlite:///runs/mlflow.db or http://host:5000; None: MLFLOW_TRACKING_URI or
+    # MLflow's own default
+    mlflow_tracking_uri: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -414,6 +424,7 @@ def validate(cfg: Config) -> None:
     need(t.logprob_chunk_tokens >= 0, "train.logprob_chunk_tokens", "must be >= 0 (0: no chunks)",
          t.logprob_chunk_tokens)
     _validate_lora(t.lora, need)
+    _validate_report_to(cfg.run.report_to, need)
     need(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", a.kl_coef)
     need(0 < a.clip_eps < 1, "algo.clip_eps", "must be in (0, 1)", a.clip_eps)
     need(0 <= a.lcs_min_fraction <= 1, "algo.lcs_min_fraction", "must be in [0, 1]", a.lcs_min_fraction)
@@ -480,6 +491,15 @@ def _validate_pools(cfg: Config, need) -> None:
         need(p.torch_threads >= 1, f"pools.{role}.torch_threads", "must be >= 1", p.torch_threads)
         need(p.call_timeout_s is None or p.call_timeout_s > 0, f"pools.{role}.call_timeout_s", "must be > 0",
              p.call_timeout_s)
+
+
+def _validate_report_to(report_to: tuple[str, ...], need) -> None:
+    kinds = ("tensorboard", "wandb", "mlflow")
+    for i, kind in enumerate(report_to):
+        need(kind in kinds or kind == "none", f"run.report_to[{i}]", f"must be one of {', '.join(kinds)} or none",
+             kind)
+    need(len(set(report_to)) == len(report_to), "run.report_to", "names a back end twice", list(report_to))
+    need("none" not in report_to or len(report_to) == 1, "run.report_to", "none goes alone", list(report_to))
 
 
 def _validate_lora(lo: LoraConfig, need) -> None:

@@ -37,6 +37,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {str(k): coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if args[0] is str and isinstance(value, str):  # --run.report_to=wandb,mlflow
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))

@@ -1,37 +1,28 @@
-"""Run outputs for people and tools: metrics.jsonl (one line per step) and TensorBoard events."""
+"""metrics.jsonl: one line per step, the run's own record (trackers get the same rows)."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 
 class MetricsWriter:
-    def __init__(self, output_dir: Path, tensorboard: bool = True):
+    """metrics.jsonl, and every row passed on to the run's trackers (run.report_to)."""
+
+    def __init__(self, output_dir: Path, trackers: Any = None):
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
         self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        self.trackers = trackers  # rlsr_ray.tracking.Trackers, owned (opened, closed) by the driver
 
     def write(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps(row, sort_keys=True) + "\n")
         self._file.flush()  # a killed run keeps every finished step
-        if self._tb is not None:
-            step = int(row["step"])
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+        if self.trackers is not None:
+            self.trackers.log_row(row)
 
     def close(self) -> None:
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
 
 
 def truncate_metrics(output_dir: Path, last_step: int) -> int:

@@ -101,6 +101,7 @@ def _worker(job: dict[str, Any]) -> None:
     from rlsr_ray import data
     from rlsr_ray.metrics import MetricsWriter, truncate_metrics
 
+    quiet_ray_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = worker_device(job["device"])
@@ -120,7 +121,7 @@ def _worker(job: dict[str, Any]) -> None:
     writer = None
     if rank == 0:
         truncate_metrics(out, start)  # lines past the checkpoint belong to the attempt that died
-        writer = MetricsWriter(out, tensorboard=False)
+        writer = MetricsWriter(out)  # the driver forwards its rows to the trackers (MetricsTail)
     for step in range(start, job["steps"]):
         t0 = time.perf_counter()
         shares, tokens, passes = worker_shares(rows, cursor.next_indices(job["batch"]), world,
@@ -149,6 +150,17 @@ def _worker(job: dict[str, Any]) -> None:
         shutil.rmtree(out / "sft_staging", ignore_errors=True)  # each checkpoint went to storage
     # Every rank (ZeRO-3 gathers); rank 0 writes. Under LoRA: the adapter, and merged/ beside it.
     lrn.save_pretrained(job["final"], merged=True)
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs "Reporting training result N: TrainingReport(...)" for every report, which
+    the driver shows beside each step's own progress line; that one record alone is dropped."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).addFilter(
+        lambda record: not str(record.msg).startswith("Reporting training result"))
 
 
 def worker_device(device: str) -> str:
@@ -191,6 +203,13 @@ def _fresh_name() -> str:
     return time.strftime("sft-%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now * 1000) % 1000:03d}"
 
 
+def _storage_fs(storage: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(),
+                                                                       str(Path(storage).expanduser()))
+
+
 def train_run_name(cfg: Config, storage: str) -> str:
     """The Ray Train run to write: a fresh name, or with run.resume the run to go on from
     ("auto": the newest one under the storage path that reported a checkpoint)."""
@@ -199,8 +218,7 @@ def train_run_name(cfg: Config, storage: str) -> str:
         return _fresh_name()
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(),
-                                                                           str(Path(storage).expanduser()))
+    fs, root = _storage_fs(storage)
     if resume != "auto":
         if fs.get_file_info(f"{root}/{resume}").type != pafs.FileType.Directory:
             raise ConfigError(f"run.resume: no SFT run named {resume!r} under {storage}")
@@ -211,6 +229,14 @@ def train_run_name(cfg: Config, storage: str) -> str:
         if fs.get_file_info(f"{root}/{name}/checkpoint_manager_snapshot.json").type == pafs.FileType.File:
             return name
     return _fresh_name()
+
+
+def goes_on(storage: str, name: str) -> bool:
+    """Whether the Ray Train run `name` exists already (run.resume found it): its tracking runs go on."""
+    import pyarrow.fs as pafs
+
+    fs, root = _storage_fs(storage)
+    return fs.get_file_info(f"{root}/{name}").type == pafs.FileType.Directory
 
 
 class SftError(RuntimeError):
@@ -248,9 +274,12 @@ def trainer(local_ray: bool, *args, **kwargs):
 def run(cfg: Config) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 
-    from rlsr_ray.models import resolve_policy
+    from rlsr_ray import tracking
     from rlsr_ray.driver.pools import learner_settings
     from rlsr_ray.driver.ray_session import connect_ray, on_local_ray
+    from rlsr_ray.metrics import truncate_metrics
+    from rlsr_ray.models import resolve_policy
+    from rlsr_ray.tracking.tail import MetricsTail
 
     t0 = time.perf_counter()
     out = Path(cfg.run.output_dir).expanduser().resolve()  # Ray Train needs an absolute storage path
@@ -259,51 +288,66 @@ def run(cfg: Config) -> dict[str, Any]:
         from rlsr_ray.lora import LoraSpec, check_targets
 
         check_targets(policy, LoraSpec.from_config(cfg.train.lora))
+    tracking.check_run(cfg)  # a tracking back end not installed or not answering: one line, nothing started
     rows = sft_rows(cfg, policy)
     s = cfg.sft
     storage = storage_root(cfg, out)
     name = train_run_name(cfg, storage)
+    going_on = goes_on(storage, name)
     steps = s.steps or math.ceil(len(rows) / s.batch_examples)
     out.mkdir(parents=True, exist_ok=True)
+    if not going_on:
+        truncate_metrics(out, 0)  # a fresh run's rows only, for the trackers as for the file
+    metrics = out / "metrics.jsonl"
+    forwarded = metrics.read_text(encoding="utf-8").split("\n")[:-1] if going_on and metrics.exists() else []
     # Ray Train re-logs a worker's print() through its own logger, which Ray then shows beside the
     # printed line: every progress line twice. Ray Train passes this variable on to its workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    started = connect_ray(cfg)
-    import ray
+    with tracking.for_run(cfg, out, "sft", resume=going_on) as trackers:
+        started = connect_ray(cfg)
+        import ray
 
-    p = cfg.pools.learner
-    settings = learner_settings(cfg, lr=s.lr, micro_steps=1)
-    job = {"policy": policy, "settings": settings, "device": pool_device(p), "threads": p.torch_threads,
-           "cache_dir": cfg.model.cache_dir, "rows": ray.put(rows), "seed": cfg.run.seed, "steps": steps,
-           "batch": min(s.batch_examples, len(rows)), "save_every": s.save_every, "output_dir": str(out),
-           "progress": cfg.run.progress,
-           "final": str(out / "final")}
-    workers = max(1, p.num_actors)
-    resources = {"CPU": p.num_cpus, **({"GPU": p.num_gpus} if p.num_gpus else {}), **p.resources}
-    sft_trainer = trainer(
-        on_local_ray(), _worker, train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=p.num_gpus > 0, resources_per_worker=resources,
-                                     accelerator_type=p.accelerator_type),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=s.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints or None)))
-    log.info("sft: %d examples, %d steps of %d on %d worker(s); Ray Train run %s under %s", len(rows), steps,
-             job["batch"], workers, name, storage)
-    try:
-        result = sft_trainer.fit()
-    except TrainingFailedError as e:
-        cause = str(e).strip().splitlines()
-        raise SftError(f"SFT run {name} failed: {cause[-1] if cause else type(e).__name__}") from None
-    finally:
-        if started:
-            ray.shutdown()
-    require_final(Path(job["final"]), name)
-    summary = {"final": job["final"], "examples": len(rows), "steps": steps, "workers": workers,
-               "ray_train_run": name, "storage_path": storage,
-               "checkpoint": result.checkpoint.path if result.checkpoint else None,
-               "total_s": time.perf_counter() - t0}
-    if cfg.train.lora.enabled:  # final/ is the adapter (PEFT's format); merged/ in it the whole model
-        summary["merged_model"] = str(Path(job["final"]) / "merged")
-    (out / "sft_summary.json").write_text(json.dumps(summary, indent=1))
+        p = cfg.pools.learner
+        settings = learner_settings(cfg, lr=s.lr, micro_steps=1)
+        job = {"policy": policy, "settings": settings, "device": pool_device(p), "threads": p.torch_threads,
+               "cache_dir": cfg.model.cache_dir, "rows": ray.put(rows), "seed": cfg.run.seed, "steps": steps,
+               "batch": min(s.batch_examples, len(rows)), "save_every": s.save_every, "output_dir": str(out),
+               "progress": cfg.run.progress,
+               "final": str(out / "final")}
+        workers = max(1, p.num_actors)
+        resources = {"CPU": p.num_cpus, **({"GPU": p.num_gpus} if p.num_gpus else {}), **p.resources}
+        sft_trainer = trainer(
+            on_local_ray(), _worker, train_loop_config=job,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=p.num_gpus > 0,
+                                         resources_per_worker=resources, accelerator_type=p.accelerator_type),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=s.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints or None)))
+        log.info("sft: %d examples, %d steps of %d on %d worker(s); Ray Train run %s under %s", len(rows), steps,
+                 job["batch"], workers, name, storage)
+        # Only the driver logs: it forwards the rows rank 0 writes (the workers open no tracking run).
+        tail = MetricsTail(metrics, trackers, forwarded).start() if trackers.trackers else None
+        try:
+            result = sft_trainer.fit()
+        except TrainingFailedError as e:
+            cause = str(e).strip().splitlines()
+            raise SftError(f"SFT run {name} failed: {cause[-1] if cause else type(e).__name__}") from None
+        finally:
+            if tail is not None:
+                tail.stop()
+            if started:
+                ray.shutdown()
+        require_final(Path(job["final"]), name)
+        for ckpt, reported in result.best_checkpoints or []:
+            trackers.log_checkpoint(int(reported["step"]), ckpt.path)
+        summary = {"final": job["final"], "examples": len(rows), "steps": steps, "workers": workers,
+                   "ray_train_run": name, "storage_path": storage,
+                   "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                   "total_s": time.perf_counter() - t0}
+        if cfg.train.lora.enabled:  # final/ is the adapter (PEFT's format); merged/ in it the whole model
+            summary["merged_model"] = str(Path(job["final"]) / "merged")
+        (out / "sft_summary.json").write_text(json.dumps(summary, indent=1))
+        trackers.finish(summary, [out / "sft_summary.json"])
     return summary
 
 
@@ -311,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     from rlsr_ray.cli import command, split_preset
     from rlsr_ray.data import DataError
     from rlsr_ray.models import ModelError
+    from rlsr_ray.tracking import TrackingError
 
     return command(argv, USAGE, lambda args: run(load_config(*split_preset(args))),
-                   (ConfigError, DataError, ModelError, SftError))
+                   (ConfigError, DataError, ModelError, SftError, TrackingError))
 
 
 if __name__ == "__main__":

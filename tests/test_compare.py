@@ -34,8 +34,11 @@ def finished(tmp_path_factory):
     log = out.parent / "compare.log"
     # A local judge so the win-rate table is built too; the tiny random model is no judge, and
     # the report must say so.
+    # Tracked the way users track: wandb offline and an MLflow SQLite store beside it.
     code, seen = command_listeners(["rlsr_ray.compare", "tiny", "--ray.address=local", f"--run.output_dir={out}",
-                                    "--eval.judge=tiny-random"], log, timeout_s=900)
+                                    "--eval.judge=tiny-random", "--run.report_to=tensorboard,wandb,mlflow",
+                                    f"--run.mlflow_tracking_uri=sqlite:///{out.parent}/mlflow.db"],
+                                   log, timeout_s=900, WANDB_MODE="offline")
     assert code == 0, log.read_text()[-3000:]
     return out, json.loads((out / "compare_summary.json").read_text()), seen
 
@@ -78,6 +81,52 @@ def test_every_figure_and_number_in_the_report_comes_from_the_files(finished):
     for cell in re.findall(r"<td>(.*?)</td>", page):
         assert re.sub(r'<span data-source="[^"]+">[^<]*</span>|[ ±]', "", cell) == "", cell
     assert "too small to judge answers" in page  # the tiny judge's votes are not shown as a verdict
+
+
+def test_each_arm_is_a_tracking_run_of_the_comparisons_group_equal_to_its_metrics(finished):
+    """wandb (its offline files, read with its own reader) and MLflow (MlflowClient): one run per arm
+    in the comparison's group, holding every number of every metrics.jsonl row at its step and each
+    checkpoint's path; the report and the eval summary on the comparison's own run."""
+    from mlflow.tracking import MlflowClient
+    from test_tracking import mlflow_history, newest_per_step, wandb_records, wandb_run_dir
+
+    from rlsr_ray.tracking.mlflow_tracker import metric_key
+    from rlsr_ray.tracking.trackers import numeric
+
+    out, result, _ = finished
+    group = out.name
+    client = MlflowClient(f"sqlite:///{out.parent}/mlflow.db")
+    [parent] = client.search_runs([client.get_experiment_by_name("rlsr_ray").experiment_id],
+                                  f"tags.`rlsr_ray.group_parent` = '{group}'")
+    for arm in ("sft", "rlsr", "sft_rlsr"):
+        rows = [json.loads(x) for x in (out / arm / "metrics.jsonl").read_text().splitlines()]
+        expect: dict[str, dict[int, float]] = {}
+        for r in rows:
+            for k, v in numeric(r).items():
+                expect.setdefault(k, {})[r["step"]] = v
+        assert len(expect) >= (5 if arm == "sft" else 20), sorted(expect)
+        ids = json.loads((out / arm / "tracking.json").read_text())
+        found = wandb_records(wandb_run_dir(out / arm, ids["wandb"]))
+        assert (found["run"].display_name, found["run"].run_group) == (f"{group}-{arm}", group)
+        assert found["run"].job_type == ("sft" if arm == "sft" else "rlsr") and found["exit"] == 0
+        run = client.get_run(ids["mlflow"])
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"
+        assert run.data.params["run.output_dir"] == str(out / arm)
+        for k, by_step in expect.items():
+            assert newest_per_step(found["history"], k) == pytest.approx(by_step), (arm, k)
+            assert mlflow_history(client, ids["mlflow"], metric_key(k)) == pytest.approx(by_step), (arm, k)
+        last = max(r["step"] for r in rows)
+        assert run.data.tags["checkpoint.latest"].endswith(f"step_{last}"), run.data.tags
+        assert found["summary"]["checkpoint/latest"] == run.data.tags["checkpoint.latest"]
+    report = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.html", "figures", "eval_summary.json", "compare_summary.json"} <= report
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    summary = json.loads((out / "eval" / "eval_summary.json").read_text())
+    assert metrics["final/checkpoints/rlsr/similarity"] == summary["checkpoints"]["rlsr"]["similarity"]
+    [report_run] = [d for d in (out / "wandb").glob("offline-run-*")]
+    found = wandb_records(report_run)
+    assert found["run"].job_type == "report" and found["run"].run_group == group
+    assert "report.html" in next(iter(found["artifacts"].values()))
 
 
 def test_a_finished_comparison_keeps_its_arms(finished):

@@ -55,6 +55,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from rlsr_ray.lora import MERGED, LoraSpec, check_targets
     from rlsr_ray.models import resolve_policy, resolve_reward_terms
     from rlsr_ray.policy import describe_compute_dtype
+    from rlsr_ray import tracking
 
     t_start = time.perf_counter()
     out = Path(cfg.run.output_dir).expanduser()
@@ -69,6 +70,7 @@ def run(cfg: Config) -> dict[str, Any]:
             log.info("train.lora with a reference pool: it holds a second copy of the base; "
                      "pools.reference.num_actors=0 computes the reference in the learners instead")
     memory_plan.check(cfg, policy_path)  # a pool over its device's memory is refused before anything starts
+    tracking.check_run(cfg)  # a tracking back end not installed or not answering: one line, nothing started
     reward_terms = resolve_reward_terms(cfg)
     train_tok, heldout_tok = prepare_data(cfg, policy_path)
     log.info("data: %d training prompts, %d held out (%d truncated, %d dropped)", len(train_tok.prompt_ids),
@@ -78,45 +80,49 @@ def run(cfg: Config) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    remote = cfg.reward_service.enabled or any(
-        getattr(cfg.pools, r).num_actors > 0 for r in ("rollout", "reward", "reference", "learner"))
-    started = connect_ray(cfg) if remote else False
-    pools, asked = None, False
-    try:
-        asked = remote and request_capacity(cfg)
-        pools, plan = build_pools(cfg, policy_path, reward_terms)
-        t_restore = time.perf_counter()
-        resume = trainer.restore(cfg, pools, out, found)
-        summary: dict[str, Any] = {"setup_s": time.perf_counter() - t_start, "resumed_from_step": resume.step}
-        if found is not None:
-            summary["restore_s"] = time.perf_counter() - t_restore  # learners load it, rollout gets the weights
-        heldout = data.prompts_table(heldout_tok, list(range(len(heldout_tok.prompt_ids))), 0) \
-            if heldout_tok and cfg.run.eval_before_after else None
-        before = trainer.baseline_eval(pools, heldout, cfg.run.eval_max_new_tokens, out) \
-            if heldout is not None else None
-        rows, saving = trainer.train_loop(cfg, pools, plan, train_tok, out, resume, policy_path,
-                                          lambda at_most=None: rebuild_learner_group(cfg, policy_path, at_most))
-        summary.update(trainer.throughput(rows), **saving,
-                       final_checkpoint=str(checkpoint.step_dir(out, cfg.run.steps)))
-        if spec is not None:  # the adapter's checkpoint holds the plain HF folder of the result
-            summary["merged_model"] = str(checkpoint.step_dir(out, cfg.run.steps) / MERGED)
-        if before is not None:
-            after = heldout_similarity(pools, heldout, cfg.run.eval_max_new_tokens)
-            summary["heldout"] = paired_delta(before["similarity"], after["similarity"])
-            summary["heldout"]["length_before"] = sum(before["lengths"]) / len(before["lengths"])
-            summary["heldout"]["length_after"] = sum(after["lengths"]) / len(after["lengths"])
-            (out / "heldout_eval.json").write_text(json.dumps({"before": before, "after": after}, indent=1))
-    finally:
-        for p in pools.all() if pools else []:
-            p.shutdown()
-        if asked:
-            release_capacity()
-        if started:
-            import ray
+    # The tracking runs close as failed if anything below raises (or Ctrl-C), finished after the summary.
+    with tracking.for_run(cfg, out, "rlsr", resume=found is not None) as trackers:
+        remote = cfg.reward_service.enabled or any(
+            getattr(cfg.pools, r).num_actors > 0 for r in ("rollout", "reward", "reference", "learner"))
+        started = connect_ray(cfg) if remote else False
+        pools, asked = None, False
+        try:
+            asked = remote and request_capacity(cfg)
+            pools, plan = build_pools(cfg, policy_path, reward_terms)
+            t_restore = time.perf_counter()
+            resume = trainer.restore(cfg, pools, out, found)
+            summary: dict[str, Any] = {"setup_s": time.perf_counter() - t_start, "resumed_from_step": resume.step}
+            if found is not None:
+                summary["restore_s"] = time.perf_counter() - t_restore  # learners load it, rollout gets the weights
+            heldout = data.prompts_table(heldout_tok, list(range(len(heldout_tok.prompt_ids))), 0) \
+                if heldout_tok and cfg.run.eval_before_after else None
+            before = trainer.baseline_eval(pools, heldout, cfg.run.eval_max_new_tokens, out) \
+                if heldout is not None else None
+            rows, saving = trainer.train_loop(cfg, pools, plan, train_tok, out, resume, policy_path,
+                                              lambda at_most=None: rebuild_learner_group(cfg, policy_path, at_most),
+                                              trackers)
+            summary.update(trainer.throughput(rows), **saving,
+                           final_checkpoint=str(checkpoint.step_dir(out, cfg.run.steps)))
+            if spec is not None:  # the adapter's checkpoint holds the plain HF folder of the result
+                summary["merged_model"] = str(checkpoint.step_dir(out, cfg.run.steps) / MERGED)
+            if before is not None:
+                after = heldout_similarity(pools, heldout, cfg.run.eval_max_new_tokens)
+                summary["heldout"] = paired_delta(before["similarity"], after["similarity"])
+                summary["heldout"]["length_before"] = sum(before["lengths"]) / len(before["lengths"])
+                summary["heldout"]["length_after"] = sum(after["lengths"]) / len(after["lengths"])
+                (out / "heldout_eval.json").write_text(json.dumps({"before": before, "after": after}, indent=1))
+        finally:
+            for p in pools.all() if pools else []:
+                p.shutdown()
+            if asked:
+                release_capacity()
+            if started:
+                import ray
 
-            ray.shutdown()
-    summary["total_s"] = time.perf_counter() - t_start
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+                ray.shutdown()
+        summary["total_s"] = time.perf_counter() - t_start
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        trackers.finish(summary, [out / "summary.json", out / "heldout_eval.json", out / "config.yaml"])
     return summary
 
 
@@ -157,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     from rlsr_ray.data import DataError
     from rlsr_ray.memory_plan import PlanError
     from rlsr_ray.models import ModelError
+    from rlsr_ray.tracking import TrackingError
 
     try:
         summary = run(cfg)
-    except (DataError, ModelError, CheckpointError, RewardTermError, PlanError) as e:
+    except (DataError, ModelError, CheckpointError, RewardTermError, PlanError, TrackingError) as e:
         print(f"rlsr_ray: error: {error_line(e)}", file=sys.stderr)
         return 2
     except PoolTimeout as e:

@@ -132,15 +132,16 @@ def save_checkpoint(pools: Pools, out: Path, step: int, schedule: Schedule, poli
 
 
 def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, resume: Resume,
-               policy_path: str, rebuild_learners: Callable[..., tuple[Any, StepPlan]]
+               policy_path: str, rebuild_learners: Callable[..., tuple[Any, StepPlan]], trackers: Any = None
                ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Steps from resume.step to run.steps; returns their metrics rows and checkpoint timings."""
+    """Steps from resume.step to run.steps; returns their metrics rows and checkpoint timings.
+    `trackers` (rlsr_ray.tracking.Trackers) get every row and each checkpoint's path."""
     from tqdm import tqdm
 
     cursor = data.PromptCursor(len(train_tok.prompt_ids), cfg.run.seed, **resume.cursor)
     schedule = Schedule(cfg, pools, train_tok, cursor, resume.pending)
     rows: list[dict[str, Any]] = []
-    writer = MetricsWriter(out)
+    writer = MetricsWriter(out, trackers)
     bar = tqdm(desc="rlsr", unit="step", initial=resume.step, total=cfg.run.steps, disable=not cfg.run.progress,
                file=sys.stderr)
     step, rebuilds = resume.step, 0
@@ -157,13 +158,13 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
                 if moved is not None:
                     writer.close()
                     step, schedule, plan = moved
-                    writer = MetricsWriter(out)
+                    writer = MetricsWriter(out, trackers)
             grown = grow_learners(cfg, pools, out, train_tok, policy_path, rebuild_learners, step, plan) \
                 if watch else None
             if grown is not None:
                 writer.close()
                 step, schedule, plan = grown
-                writer = MetricsWriter(out)
+                writer = MetricsWriter(out, trackers)
             try:
                 row = rlsr_step(cfg, pools, plan, schedule.take(step), step, schedule.refills(step))
                 row["prompts_truncated"], row["prompts_dropped"] = train_tok.truncated, train_tok.dropped
@@ -180,6 +181,8 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
                     saving["checkpoint_s"] += took
                     saving["checkpoints"] += 1
                     log.info("step %d: checkpoint %s written in %.1fs", step + 1, path, took)
+                    if trackers is not None:
+                        trackers.log_checkpoint(step + 1, str(path))
             except PoolTimeout as e:  # the pool and ranks are in the message; add the step
                 raise PoolTimeout(f"step {step + 1}: {e}") from None
             except ActorFailure as e:
@@ -190,7 +193,7 @@ def train_loop(cfg: Config, pools: Pools, plan: StepPlan, train_tok, out: Path, 
                 step, schedule, plan = recover_learners(cfg, pools, out, train_tok, policy_path, rebuild_learners,
                                                         step + 1, str(e))
                 rows = [r for r in rows if r["step"] <= step]
-                writer = MetricsWriter(out)
+                writer = MetricsWriter(out, trackers)
                 bar.n = step
                 continue
             step += 1

@@ -38,13 +38,21 @@ def arm_configs(cfg: Config) -> dict[str, Config]:
     and resumes from its own newest checkpoint. The RL arms skip their own before/after eval:
     the comparison's eval covers all four policies on the same prompts."""
     out = Path(cfg.run.output_dir).expanduser().resolve()
+    group = tracking_group(cfg)
     rl = {"run.eval_before_after": False, "run.resume": "auto"}
-    return {
-        "sft": with_values(cfg, {"run.output_dir": str(out / "sft"), "run.resume": "auto"}),
-        "rlsr": with_values(cfg, {"run.output_dir": str(out / "rlsr"), **rl}),
-        "sft_rlsr": with_values(cfg, {"run.output_dir": str(out / "sft_rlsr"), "model.policy": sft_policy(cfg, out),
-                                      **rl}),
+    arms = {
+        "sft": {"run.output_dir": str(out / "sft"), "run.resume": "auto"},
+        "rlsr": {"run.output_dir": str(out / "rlsr"), **rl},
+        "sft_rlsr": {"run.output_dir": str(out / "sft_rlsr"), "model.policy": sft_policy(cfg, out), **rl},
     }
+    # One tracking run per arm, grouped (wandb's group, MLflow's parent run) under the comparison.
+    return {name: with_values(cfg, {**values, "run.tracking_group": group, "run.tracking_run_name": f"{group}-{name}"})
+            for name, values in arms.items()}
+
+
+def tracking_group(cfg: Config) -> str:
+    """The comparison's tracking group: run.tracking_group, else its output folder's name."""
+    return cfg.run.tracking_group or Path(cfg.run.output_dir).expanduser().resolve().name
 
 
 def sft_policy(cfg: Config, out: Path) -> str:
@@ -57,7 +65,7 @@ def sft_policy(cfg: Config, out: Path) -> str:
 
 
 def compare(cfg: Config) -> dict[str, Any]:
-    from rlsr_ray import sft
+    from rlsr_ray import sft, tracking
     from rlsr_ray.models import resolve_reward_terms
     from rlsr_ray.driver import run
     from rlsr_ray.driver.ray_session import connect_ray
@@ -70,6 +78,7 @@ def compare(cfg: Config) -> dict[str, Any]:
     load_prompts(cfg)  # bad data, or a judge that cannot answer, fails before hours of training
     make_judge(cfg)
     resolve_reward_terms(cfg)  # so does a reward term that cannot be imported
+    tracking.check_run(cfg)  # and a tracking back end not installed or not answering
     timings: dict[str, float] = {}
     started = None  # one Ray for every arm, started when an arm is trained (eval connects itself)
     try:
@@ -101,7 +110,30 @@ def compare(cfg: Config) -> dict[str, Any]:
                               "machine": machine(), "total_s": time.perf_counter() - t0}
     (out / "compare_summary.json").write_text(json.dumps(result, indent=1))
     report.build(out)
+    track_report(cfg, out)
     return result
+
+
+def track_report(cfg: Config, out: Path) -> None:
+    """The comparison's own tracking run (the arms' group; on MLflow their parent run): the eval's
+    numbers, and the report, its figures and both summaries as artifacts. TensorBoard has nothing
+    to add: the report lies beside the arms' event files."""
+    from rlsr_ray import tracking
+
+    kinds = tuple(k for k in cfg.run.report_to if k not in ("tensorboard", "none"))
+    if not kinds:
+        return
+    group = tracking_group(cfg)
+    r = cfg.run
+    with tracking.open_trackers(kinds, out, cfg.to_dict(), project=r.tracking_project, name=group, group=group,
+                                mlflow_tracking_uri=r.mlflow_tracking_uri, resume=False,
+                                job_type="report") as trackers:
+        summary = json.loads((out / "eval" / "eval_summary.json").read_text())
+        trackers.finish({"checkpoints": {n: {k: v for k, v in c.items() if k != "path"}
+                                         for n, c in summary["checkpoints"].items()},
+                         "deltas": summary["deltas"]},
+                        [out / "report.html", out / "figures", out / "eval" / "eval_summary.json",
+                         out / "compare_summary.json"])
 
 
 def machine() -> str:
@@ -134,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     from rlsr_ray.evaluation.judge import JudgeError
     from rlsr_ray.models import ModelError
     from rlsr_ray.sft import SftError
+    from rlsr_ray.tracking import TrackingError
 
     return command(argv, USAGE, lambda args: compare(load_config(*split_preset(args))),
-                   (ConfigError, DataError, ModelError, CheckpointError, JudgeError, SftError, RewardTermError),
+                   (ConfigError, DataError, ModelError, CheckpointError, JudgeError, SftError, RewardTermError,
+                    TrackingError),
                    (PoolTimeout,))
 
 
