@@ -266,6 +266,13 @@ class EvalConfig:
     # Whether this judge is known to agree with human preference (e.g. AlpacaEval's reference
     # judge). Only then are its votes reported as win rates; otherwise as votes, with a caution.
     judge_vetted: bool = False
+    # The LM Evaluation Harness (lm-eval) on every checkpoint: task, group or tag names, e.g.
+    # [arc_easy, hellaswag]; empty: none. Checked against the harness's index before any model loads.
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_include_path: Optional[str] = None  # a folder of the user's own task YAMLs
+    lm_eval_limit: Optional[float] = None  # documents per task (< 1: a fraction); None: all
+    lm_eval_num_fewshot: Optional[int] = None  # None: each task's own
+    lm_eval_batch_size: int = 8
 
 
 @dataclass(frozen=True)
@@ -454,6 +461,12 @@ def validate(cfg: Config) -> None:
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", cfg.eval.max_new_tokens)
     need(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0", cfg.eval.temperature)
     need(cfg.eval.judge_retries >= 0, "eval.judge_retries", "must be >= 0", cfg.eval.judge_retries)
+    e = cfg.eval
+    need(e.lm_eval_limit is None or e.lm_eval_limit > 0, "eval.lm_eval_limit", "must be > 0 (< 1: a fraction)",
+         e.lm_eval_limit)
+    need(e.lm_eval_num_fewshot is None or e.lm_eval_num_fewshot >= 0, "eval.lm_eval_num_fewshot", "must be >= 0",
+         e.lm_eval_num_fewshot)
+    need(e.lm_eval_batch_size >= 1, "eval.lm_eval_batch_size", "must be >= 1", e.lm_eval_batch_size)
     need(cfg.run.steps >= 0, "run.steps", "must be >= 0", cfg.run.steps)
     need(cfg.data.heldout_size >= 0, "data.heldout_size", "must be >= 0", cfg.data.heldout_size)
     need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", cfg.data.max_prompt_tokens)

@@ -16,6 +16,7 @@ import pytest
 from listeners import LOOPBACK, command_listeners
 
 pytestmark = pytest.mark.slow
+LM_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"  # the harness's tasks of tests/test_lm_eval.py
 
 
 def _lookup(root: Path, source: str):
@@ -37,6 +38,7 @@ def finished(tmp_path_factory):
     # Tracked the way users track: wandb offline and an MLflow SQLite store beside it.
     code, seen = command_listeners(["rlsr_ray.compare", "tiny", "--ray.address=local", f"--run.output_dir={out}",
                                     "--eval.judge=tiny-random", "--run.report_to=tensorboard,wandb,mlflow",
+                                    "--eval.lm_eval_tasks=rlsr_mc,rlsr_gen", f"--eval.lm_eval_include_path={LM_TASKS}",
                                     f"--run.mlflow_tracking_uri=sqlite:///{out.parent}/mlflow.db"],
                                    log, timeout_s=900, WANDB_MODE="offline")
     assert code == 0, log.read_text()[-3000:]
@@ -81,6 +83,28 @@ def test_every_figure_and_number_in_the_report_comes_from_the_files(finished):
     for cell in re.findall(r"<td>(.*?)</td>", page):
         assert re.sub(r'<span data-source="[^"]+">[^<]*</span>|[ ±]', "", cell) == "", cell
     assert "too small to judge answers" in page  # the tiny judge's votes are not shown as a verdict
+
+
+def test_the_harness_tasks_ran_on_all_four_checkpoints_and_are_paired_by_document(finished):
+    out, result, _ = finished
+    lm = json.loads((out / "eval" / "eval_summary.json").read_text())["lm_eval"]
+    assert sorted(lm["checkpoints"]) == ["base", "rlsr", "sft", "sft_rlsr"]
+    docs = {"rlsr_mc": 12, "rlsr_gen": 8}
+    for name in lm["checkpoints"]:
+        scores = json.loads((out / "eval" / "lm_eval" / f"{name}.json").read_text())["scores"]
+        for task, n in docs.items():
+            got = lm["checkpoints"][name][task]
+            assert got["samples"] == n
+            for metric, per_doc in scores[task].items():  # the summary's mean is the documents' mean
+                assert len(per_doc) == n
+                assert got["metrics"][metric]["value"] == pytest.approx(sum(per_doc.values()) / n, abs=1e-12)
+    d = lm["deltas"]["sft_vs_base"]["tasks"]["rlsr_mc"]["acc"]
+    assert d["n"] == 12
+    base_acc = lm["checkpoints"]["base"]["rlsr_mc"]["metrics"]["acc"]["value"]
+    sft_acc = lm["checkpoints"]["sft"]["rlsr_mc"]["metrics"]["acc"]["value"]
+    assert d["delta_mean"] == pytest.approx(sft_acc - base_acc, abs=1e-12)
+    page = (out / "report.html").read_text()
+    assert "<h3>rlsr_mc</h3>" in page and "<h3>rlsr_gen</h3>" in page  # its cells: the report test's citations
 
 
 def test_each_arm_is_a_tracking_run_of_the_comparisons_group_equal_to_its_metrics(finished):

@@ -71,12 +71,14 @@ def compare(cfg: Config) -> dict[str, Any]:
     from rlsr_ray.driver.ray_session import connect_ray
     from rlsr_ray.evaluation import report
     from rlsr_ray.evaluation.eval import evaluate, load_prompts, make_judge
+    from rlsr_ray.evaluation.lm_eval_tasks import check_tasks
 
     t0 = time.perf_counter()
     out = Path(cfg.run.output_dir).expanduser().resolve()
     arms = arm_configs(cfg)
     load_prompts(cfg)  # bad data, or a judge that cannot answer, fails before hours of training
     make_judge(cfg)
+    check_tasks(cfg)  # so does a harness task that does not exist
     resolve_reward_terms(cfg)  # so does a reward term that cannot be imported
     tracking.check_run(cfg)  # and a tracking back end not installed or not answering
     timings: dict[str, float] = {}
@@ -164,13 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     from rlsr_ray.cli import command, split_preset
     from rlsr_ray.data import DataError
     from rlsr_ray.evaluation.judge import JudgeError
+    from rlsr_ray.evaluation.lm_eval_tasks import LmEvalError
     from rlsr_ray.models import ModelError
     from rlsr_ray.sft import SftError
     from rlsr_ray.tracking import TrackingError
 
     return command(argv, USAGE, lambda args: compare(load_config(*split_preset(args))),
                    (ConfigError, DataError, ModelError, CheckpointError, JudgeError, SftError, RewardTermError,
-                    TrackingError),
+                    TrackingError, LmEvalError),
                    (PoolTimeout,))
 
 

@@ -6,8 +6,12 @@ model, ROUGE-L and chrF (metrics the reward never saw), the copy penalty, length
 was cut at the token limit. Checkpoints are compared with the first one prompt by prompt (mean
 delta ± SE), and, with a judge configured (eval.judge), by pairwise win rate.
 
+With eval.lm_eval_tasks, each checkpoint also runs those tasks of the LM Evaluation Harness
+(rlsr_ray/evaluation/lm_eval_tasks.py).
+
 Writes under eval.output_dir: outputs/NAME.jsonl (per prompt), model_outputs/NAME.json (AlpacaEval's
-format, for `alpaca_eval` with a judge of your own), judgements/X_vs_Y.jsonl and eval_summary.json.
+format, for `alpaca_eval` with a judge of your own), judgements/X_vs_Y.jsonl, lm_eval/NAME.json (the
+harness's per-document scores) and eval_summary.json.
 """
 from __future__ import annotations
 
@@ -32,7 +36,9 @@ CHECKPOINT: an HF folder (a run's checkpoints/step_N, an SFT run's final), a bui
 or NAME=PATH to label it. The first is the baseline the others are compared with. The preset
 ({presets}, default 'default') gives data, pools and model settings. Keys: eval.data_path,
 eval.max_new_tokens, eval.temperature, eval.output_dir, eval.judge, eval.judge_model,
-eval.judge_prompt, eval.judge_api_key_env, eval.judge_timeout_s."""
+eval.judge_prompt, eval.judge_api_key_env, eval.judge_timeout_s; the LM Evaluation Harness:
+eval.lm_eval_tasks=TASK[,TASK...], eval.lm_eval_include_path, eval.lm_eval_limit,
+eval.lm_eval_num_fewshot, eval.lm_eval_batch_size."""
 
 # Per-answer metrics averaged in the summary and compared pairwise.
 METRICS = ("similarity", "rouge_l", "chrf", "copy_penalized", "tokens", "cut")
@@ -223,8 +229,9 @@ def evaluate(cfg: Config, checkpoints: list[tuple[str, str]], pairs: list[tuple[
              ) -> dict[str, Any]:
     """Evaluate the checkpoints and compare each pair (X, Y): X - Y per metric and X's win rate
     over Y. Default pairs: every checkpoint against the first."""
-    from rlsr_ray.models import ModelError, resolve_policy
     from rlsr_ray.driver.ray_session import connect_ray
+    from rlsr_ray.evaluation import lm_eval_tasks
+    from rlsr_ray.models import ModelError, resolve_policy
 
     t0 = time.perf_counter()
     names = [n for n, _ in checkpoints]
@@ -237,10 +244,12 @@ def evaluate(cfg: Config, checkpoints: list[tuple[str, str]], pairs: list[tuple[
         except ModelError as e:
             raise ModelError(f"checkpoint {name}: {str(e).removeprefix('model.policy: ')}") from None
     jd = make_judge(cfg)
+    lm_eval_tasks.check_tasks(cfg)  # a task the harness does not know: one line, before any model loads
     remote = cfg.reward_service.enabled or cfg.pools.rollout.num_actors > 0 or cfg.pools.reward.num_actors > 0
     started = connect_ray(cfg) if remote else False
     try:
         results = generate_all(cfg, checkpoints, prompts)
+        harness = lm_eval_tasks.run_all(cfg, checkpoints, pairs, out) if cfg.eval.lm_eval_tasks else None
     finally:
         if started:
             import ray
@@ -255,6 +264,8 @@ def evaluate(cfg: Config, checkpoints: list[tuple[str, str]], pairs: list[tuple[
         "checkpoints": {n: {"path": p, **means(results[n])} for n, p in checkpoints},
         "deltas": {f"{x}_vs_{y}": {"x": x, "y": y, **deltas(results[y], results[x])} for x, y in pairs},
     }
+    if harness is not None:  # the LM Evaluation Harness's tasks (eval.lm_eval_tasks)
+        summary["lm_eval"] = harness
     # Written before judging too: an endpoint that fails for good then loses no metric.
     summary["judge"] = {"configured": jd is not None, "pending": jd is not None}
     summary["total_s"] = time.perf_counter() - t0
@@ -283,13 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     from rlsr_ray.cli import command
     from rlsr_ray.data import DataError
     from rlsr_ray.evaluation.judge import JudgeError
+    from rlsr_ray.evaluation.lm_eval_tasks import LmEvalError
     from rlsr_ray.models import ModelError
 
     def work(args: list[str]) -> dict[str, Any]:
         ckpts, preset, overrides = split_args(args)
         return evaluate(load_config(preset, overrides), parse_checkpoints(ckpts))
 
-    return command(argv, USAGE, work, (ConfigError, DataError, ModelError, JudgeError, RewardTermError))
+    return command(argv, USAGE, work, (ConfigError, DataError, ModelError, JudgeError, RewardTermError, LmEvalError))
 
 
 if __name__ == "__main__":

@@ -94,6 +94,54 @@ def plot_figures(root: Path, curves: dict[str, list[dict[str, Any]]]) -> list[tu
     return made
 
 
+def _pm(value: Any, err: Any, pattern: str, source: str, err_source: str) -> str:
+    """A value ± its error, each in a span citing its key (no error: the value alone)."""
+    cell = f'<span data-source="{html.escape(source)}">{_fmt(value, pattern)}</span>'
+    if err is not None:
+        cell += f' ± <span data-source="{html.escape(err_source)}">{_fmt(err, pattern)}</span>'
+    return f"<td>{cell}</td>"
+
+
+def harness_tables(lm: dict[str, Any], arms: list[str], src: str) -> list[str]:
+    """Per LM Evaluation Harness task: each metric with the arms side by side (value ± the harness's
+    stderr), then X − Y per pair, paired by document (mean ± SE), where the harness gave per-document
+    scores."""
+    parts = [f"<h2>LM Evaluation Harness (lm-eval {html.escape(lm['lm_eval_version'])})</h2>"]
+    for task in lm["tasks"]:
+        per = {a: lm["checkpoints"][a].get(task) for a in arms if a in lm["checkpoints"]}
+        first = next((v for v in per.values() if v), None)
+        if first is None:
+            continue
+        shots = first["num_fewshot"]
+        parts.append(f"<h3>{html.escape(task)}</h3><p>{first['samples']} documents, {shots} shot(s).</p>"
+                     "<table><tr><th>metric</th>" + "".join(f"<th>{html.escape(ARMS.get(a, a))}</th>" for a in per)
+                     + "</tr>")
+        for m in first["metrics"]:
+            row = [f"<tr><th>{html.escape(m)}</th>"]
+            for a, v in per.items():
+                s = f"{src}:lm_eval.checkpoints.{a}.{task}.metrics.{m}"
+                got = (v or {}).get("metrics", {}).get(m, {})
+                row.append(_pm(got.get("value"), got.get("stderr"), "{:.4f}", f"{s}.value", f"{s}.stderr"))
+            parts.append("".join(row) + "</tr>")
+        parts.append("</table>")
+        paired = [(key, d) for key, d in lm["deltas"].items() if task in d["tasks"]]
+        if paired:
+            metrics = list(paired[0][1]["tasks"][task])
+            parts.append("<table><tr><th>X vs Y (paired by document)</th>"
+                         + "".join(f"<th>{html.escape(m)}</th>" for m in metrics) + "</tr>")
+            for key, d in paired:
+                row = [f"<tr><th style='white-space:nowrap'>{html.escape(ARMS.get(d['x'], d['x']))} vs "
+                       f"{html.escape(ARMS.get(d['y'], d['y']))}</th>"]
+                for m in metrics:
+                    s = f"{src}:lm_eval.deltas.{key}.tasks.{task}.{m}"
+                    got = d["tasks"][task].get(m, {})
+                    row.append(_pm(got.get("delta_mean"), got.get("delta_se"), "{:.4f}", f"{s}.delta_mean",
+                                   f"{s}.delta_se"))
+                parts.append("".join(row) + "</tr>")
+            parts.append("</table>")
+    return parts
+
+
 def build(root: Path) -> Path:
     """Write root/report.html from the arms' files; returns its path."""
     root = Path(root)
@@ -126,6 +174,8 @@ def build(root: Path) -> Path:
                        f'<span data-source="{s}.delta_se">{_fmt(d[m]["delta_se"], pattern)}</span></td>')
         parts.append("".join(row) + "</tr>")
     parts.append("</table>")
+    if "lm_eval" in summary:
+        parts.extend(harness_tables(summary["lm_eval"], arms, src))
     parts.append("<h2>Win rate (pairwise judge)</h2>")
     j = summary["judge"]
     if not j.get("configured"):

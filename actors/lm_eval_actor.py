@@ -1,0 +1,30 @@
+"""One checkpoint at a time through the LM Evaluation Harness (rlsr_ray/evaluation/lm_eval_tasks.py)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class LmEvalActor:
+    def __init__(self, device: str, torch_threads: int, include_path: str | None, rank: int = 0):
+        import torch
+
+        from rlsr_ray.evaluation.lm_eval_tasks import task_manager
+
+        torch.set_num_threads(torch_threads)
+        # Datasets come from the user's task files or a local cache: never fetched at run time.
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        self.device = device
+        self.tasks = task_manager(include_path)  # indexing the harness's task files once
+
+    def evaluate(self, model_args: dict[str, str], tasks: list[str], num_fewshot: int | None, limit: float | None,
+                 batch_size: int, seed: int) -> dict[str, Any]:
+        import lm_eval
+
+        from rlsr_ray.evaluation.lm_eval_tasks import condense
+
+        result = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks, num_fewshot=num_fewshot,
+                                         limit=limit, batch_size=batch_size, device=self.device,
+                                         task_manager=self.tasks, log_samples=True, random_seed=seed,
+                                         numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        return condense(result)
