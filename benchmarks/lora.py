@@ -16,7 +16,7 @@ Two parts, each variant in a fresh process:
 `--lora-lr` takes one or more learning rates (a LoRA run each; default: the preset's). Parts not
 run keep their figures from an existing `--out` file, so one variant can be re-measured alone.
 
-State the machine's CPU class with the figures: `cpu` in the output is torch's capability string.
+Each state and run records `cpu` (torch's CPU capability string) and `date`: state them with the figures.
 """
 from __future__ import annotations
 
@@ -92,7 +92,11 @@ def run(out_dir: Path, extra: list[str]) -> dict:
     rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     syncs = [r for r in rows if "weight_sync_mb" in r]
     h = summary.get("heldout", {})
-    return {"overrides": extra, "wall_s": time.perf_counter() - t0, "samples_per_s": summary["samples_per_s"],
+    import torch
+
+    # Each run's own machine class and date: parts re-measured later may come from another machine.
+    return {"overrides": extra, "cpu": torch.backends.cpu.get_cpu_capability(), "date": time.strftime("%Y-%m-%d"),
+            "wall_s": time.perf_counter() - t0, "samples_per_s": summary["samples_per_s"],
             "sync_mb": sum(r["weight_sync_mb"] for r in syncs) / len(syncs),
             "sync_s": sum(r["weight_sync_s"] for r in syncs) / len(syncs),
             "train_s_per_step": sum(r["train_s"] for r in syncs) / len(syncs),
@@ -116,8 +120,7 @@ def main() -> int:
 
     out = Path(args.out)
     result: dict = json.loads(out.read_text()) if out.exists() else {}
-    result.update({"cpu": torch.backends.cpu.get_cpu_capability(), "date": time.strftime("%Y-%m-%d"),
-                   "rank": args.rank})
+    result["rank"] = args.rank
     parts = args.parts.split(",")
     if "states" in parts:
         result["states"] = []
@@ -126,7 +129,8 @@ def main() -> int:
                                   capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr[-3000:])
-            result["states"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            result["states"].append({**json.loads(proc.stdout.strip().splitlines()[-1]),
+                                     "cpu": torch.backends.cpu.get_cpu_capability(), "date": time.strftime("%Y-%m-%d")})
     work = Path(args.work)
     runs = {json.dumps(r["overrides"]): r for r in result.get("runs", [])}
     if "full" in parts:
