@@ -111,7 +111,8 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "rlsr_ray: error: unknown config key 'run.stepz'; known keys here: steps, output_dir, seed, "
-        "eval_before_after, eval_max_new_tokens, save_every, keep_checkpoints, resume, progress"]
+        "eval_before_after, eval_max_new_tokens, save_every, keep_checkpoints, resume, progress, report_to, "
+        "tracking_project, tracking_run_name, tracking_group, mlflow_tracking_uri"]
 
 
 def test_bad_data_file_is_one_line_and_exit_2(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +24,21 @@ LL_TOL = 1e-3
 @pytest.fixture(scope="module")
 def harness(tiny_policy):
     """The harness's results for both tasks on the tiny model, as the eval's actor gets them
-    (in this process: no Ray needed for the harness itself)."""
+    (in this process: no Ray needed for the harness itself). The environment holds a rank of a
+    distributed launch, as an actor inherits it from a driver started beside an in-process learner:
+    the harness must still run as the one process it is."""
     from actors.lm_eval_actor import LmEvalActor
     from rlsr_ray.evaluation.lm_eval_tasks import model_args
 
-    actor = LmEvalActor("cpu", 2, str(TASKS))
-    mc = actor.evaluate(model_args(tiny_policy, "float32"), ["rlsr_mc"], None, None, 4, 0)
-    gen = actor.evaluate(model_args(tiny_policy, "float32"), ["rlsr_gen"], None, None, 1, 0)
+    saved = dict(os.environ)
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="2")
+    try:
+        actor = LmEvalActor("cpu", 2, str(TASKS))
+        mc = actor.evaluate(model_args(tiny_policy, "float32"), ["rlsr_mc"], None, None, 4, 0)
+        gen = actor.evaluate(model_args(tiny_policy, "float32"), ["rlsr_gen"], None, None, 1, 0)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return mc, gen
 
 
