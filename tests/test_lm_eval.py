@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,15 +29,12 @@ def harness(tiny_policy):
     from actors.lm_eval_actor import LmEvalActor
     from rlsr_ray.evaluation.lm_eval_tasks import model_args
 
-    saved = dict(os.environ)
-    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="2")
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in dict(LOCAL_RANK="0", RANK="0", WORLD_SIZE="2").items():
+            mp.setenv(key, value)
         actor = LmEvalActor("cpu", 2, str(TASKS))
         mc = actor.evaluate(model_args(tiny_policy, "float32"), ["rlsr_mc"], None, None, 4, 0)
         gen = actor.evaluate(model_args(tiny_policy, "float32"), ["rlsr_gen"], None, None, 1, 0)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     return mc, gen
 
 

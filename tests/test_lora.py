@@ -62,7 +62,7 @@ def test_adapters_start_at_zero_effect(tiny_policy, prompts, rolled):
     its CNR mode), which may sum a dot product in another order. A float32 sum of n terms in
     another order moves by at most about n*u of the terms' magnitude (Higham's gamma_n, u = 2^-24):
     n is the model's longest reduction (its MLP width), and the log-probs are of order 1e1, so the
-    bound is n*u*|logprob|. The tokens, which any real adapter effect would change, stay exact."""
+    bound is n*u*|logprob|. The tokens stay exact."""
     adapted = RolloutActor(tiny_policy, generate_batch_size=16, lora=LORA).generate(prompts, SPEC)
     assert adapted.column("response_ids").equals(rolled.column("response_ids"))
     config = json.loads((Path(tiny_policy) / "config.json").read_text())
