@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 
 from actors.sampling import Sample, SamplingSpec, cut_at_eos
-from rlsr_ray.policy import autocast, load_causal_lm, state_dict_to_torch
+from rlsr_ray.modeling.policy import autocast, load_causal_lm, state_dict_to_torch
 
 
 class TransformersBackend:
@@ -30,7 +30,7 @@ class TransformersBackend:
             # B starts at zero, so until the first sync this samples from the base itself. They
             # stay separate matmuls rather than merged into W: a sync then replaces them exactly,
             # with no rounding left behind in W by un-merging the previous ones.
-            from rlsr_ray import lora as adapters
+            from rlsr_ray.modeling import lora as adapters
 
             self.model = adapters.wrap(self.model, lora).eval()
         self.lora = lora is not None
@@ -42,7 +42,7 @@ class TransformersBackend:
     weight_dtype = "float32"  # load_causal_lm keeps float32 weights; compute_dtype is autocast only
 
     def join_route(self, address: str, rank: int, settings, specs: list) -> None:
-        from rlsr_ray.weight_group import WeightGroup
+        from rlsr_ray.modeling.weight_group import WeightGroup
 
         self.close_route()
         self.route, self.route_specs = WeightGroup(address, rank, settings), specs
@@ -64,7 +64,7 @@ class TransformersBackend:
     def load_weights(self, state_dict: dict) -> None:
         missing, unexpected = self.model.load_state_dict(state_dict_to_torch(state_dict), strict=False)
         if self.lora:  # the adapters alone: every adapter tensor must be among them, the base is kept
-            from rlsr_ray.lora import adapter_tensors
+            from rlsr_ray.modeling.lora import adapter_tensors
 
             missing = [k for k in adapter_tensors(self.model) if k not in state_dict]
         # Tied embeddings may appear once; anything else missing means a mismatched model.

@@ -25,13 +25,14 @@ import torch
 
 from actors.comm_op import without_shm_op
 from actors.objectives import GRPO, SFT, Objective
-from rlsr_ray import batch, lora
+from rlsr_ray.contract import batch
+from rlsr_ray.modeling import lora
 from rlsr_ray.algo.loss import LossSettings
-from rlsr_ray.policy import (enable_checkpointing, load_causal_lm, load_tokenizer, resolve_compute_dtype,
+from rlsr_ray.modeling.policy import (enable_checkpointing, load_causal_lm, load_tokenizer, resolve_compute_dtype,
                              response_logprobs, set_threads, state_dict_to_torch)
-from rlsr_ray.micro_batches import micro_batches, padded_tokens
-from rlsr_ray.selection import MinibatchParts, gather
-from rlsr_ray.weight_group import RouteSettings, WeightGroup, tensor_specs
+from rlsr_ray.contract.micro_batches import micro_batches, padded_tokens
+from rlsr_ray.contract.selection import MinibatchParts, gather
+from rlsr_ray.modeling.weight_group import RouteSettings, WeightGroup, tensor_specs
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,14 @@ class LearnerSettings:
     # into lr-sized differences.
     optimizer: Literal["adamw", "sgd"] = "adamw"
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward
-    # > 0: micro-batches packed by padded tokens (rlsr_ray/micro_batches.py), at most
+    # > 0: micro-batches packed by padded tokens (rlsr_ray/contract/micro_batches.py), at most
     # micro_batch_size rows each; the group makes as many passes as its busiest rank.
     max_tokens_per_micro_batch: int = 0
     logprob_chunk_tokens: int = 0  # > 0: the LM head on this many tokens at a time (policy.forward_logprobs)
     offload_optimizer: bool = False  # ZeRO >= 1: the optimizer's share in host memory
     offload_params: bool = False  # ZeRO-3: the parameters' partitions in host memory too
     attn_implementation: str = "auto"  # transformers' name; auto resolved on this device (policy.resolve_attention)
-    lora: lora.LoraSpec | None = None  # train adapters only (rlsr_ray/lora.py); None: the full weights
+    lora: lora.LoraSpec | None = None  # train adapters only (rlsr_ray/modeling/lora.py); None: the full weights
     # LoRA: the reference log-probs come from this learner's base, adapters off (no reference pool).
     reference_in_learner: bool = False
 
@@ -402,7 +403,7 @@ class LearnerActor:
         """What a weight sync moves: the adapters under LoRA, else the whole state dict."""
         return lora.adapter_tensors(model) if self.s.lora is not None else model.state_dict()
 
-    # The weight route (rlsr_ray/weight_group.py): rank 0 sends, the rollout actors receive.
+    # The weight route (rlsr_ray/modeling/weight_group.py): rank 0 sends, the rollout actors receive.
     def weight_specs(self) -> list | None:
         return self.specs if self.rank == 0 else None
 

@@ -13,7 +13,7 @@ class LmEvalActor:
     def __init__(self, device: str, torch_threads: int, include_path: str | None, rank: int = 0):
         import torch
 
-        from rlsr_ray.evaluation.lm_eval_tasks import task_manager
+        from rlsr_ray.evaluation.harness import task_manager
 
         torch.set_num_threads(torch_threads)
         # Datasets come from the user's task files or a local cache: never fetched at run time.
@@ -30,7 +30,7 @@ class LmEvalActor:
                  batch_size: int, seed: int) -> dict[str, Any]:
         import lm_eval
 
-        from rlsr_ray.evaluation.lm_eval_tasks import condense
+        from rlsr_ray.evaluation.harness import condense
 
         result = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks, num_fewshot=num_fewshot,
                                          limit=limit, batch_size=batch_size, device=self.device,

@@ -12,9 +12,9 @@ from typing import Any, Protocol
 import pyarrow as pa
 import torch
 
-from rlsr_ray import batch
+from rlsr_ray.contract import batch
 from rlsr_ray.algo.loss import rlsr_loss, sft_loss
-from rlsr_ray.policy import forward_logprobs, pad_batch
+from rlsr_ray.modeling.policy import forward_logprobs, pad_batch
 
 
 class Objective(Protocol):

@@ -15,8 +15,8 @@ from actors.waiting import Reports, waited
 from actors.membership import Membership, PoolEvent
 from rlsr_ray.cli import first_line
 from rlsr_ray.config import PoolConfig
-from rlsr_ray.plan import bundle, bundles
-from rlsr_ray.pool_sizes import bounds, elastic
+from rlsr_ray.plan.resources import bundle, bundles
+from rlsr_ray.config.pool_sizes import bounds, elastic
 
 log = logging.getLogger("rlsr_ray")
 

@@ -5,9 +5,9 @@ import os
 
 import pyarrow as pa
 
-from rlsr_ray import batch
-from rlsr_ray.policy import load_causal_lm, load_tokenizer, resolve_compute_dtype, response_logprobs, set_threads
-from rlsr_ray.selection import Piece, gather
+from rlsr_ray.contract import batch
+from rlsr_ray.modeling.policy import load_causal_lm, load_tokenizer, resolve_compute_dtype, response_logprobs, set_threads
+from rlsr_ray.contract.selection import Piece, gather
 
 
 class ReferenceActor:

@@ -7,10 +7,10 @@ import os
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rlsr_ray import batch
+from rlsr_ray.contract import batch
 from rlsr_ray.algo import terms as T
-from rlsr_ray.policy import set_threads
-from rlsr_ray.selection import Piece, gather
+from rlsr_ray.modeling.policy import set_threads
+from rlsr_ray.contract.selection import Piece, gather
 
 # Names a data field cannot take among a term's columns: they are the term's own arguments.
 RESERVED = {"prompts", "responses", "references", "response_tokens", "finish_reason"}

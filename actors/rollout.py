@@ -6,9 +6,9 @@ import os
 import pyarrow as pa
 
 from actors.sampling import RolloutBackend, SamplingSpec, mixed_seed
-from rlsr_ray import batch
-from rlsr_ray.selection import rollout_summary
-from rlsr_ray.policy import load_tokenizer, resolve_compute_dtype, set_threads
+from rlsr_ray.contract import batch
+from rlsr_ray.contract.selection import rollout_summary
+from rlsr_ray.modeling.policy import load_tokenizer, resolve_compute_dtype, set_threads
 
 
 class RolloutActor:
@@ -34,7 +34,7 @@ class RolloutActor:
         else:
             from actors.hf_backend import TransformersBackend
 
-            # Under LoRA (lora: rlsr_ray.lora.LoraSpec) it holds the base with adapters, and a sync
+            # Under LoRA (lora: rlsr_ray.modeling.lora.LoraSpec) it holds the base with adapters, and a sync
             # sends the adapters alone.
             self.backend = TransformersBackend(policy_path, self.tok, compute_dtype, device, generate_batch_size,
                                                lora)
@@ -75,7 +75,7 @@ class RolloutActor:
         self.policy_version = version
         return version
 
-    # The weight route (rlsr_ray/weight_group.py): learner rank 0 sends, the rollout actors receive.
+    # The weight route (rlsr_ray/modeling/weight_group.py): learner rank 0 sends, the rollout actors receive.
     def weight_dtype(self) -> str:
         return self.backend.weight_dtype
 

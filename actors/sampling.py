@@ -31,7 +31,7 @@ class RolloutBackend(Protocol):
     def load_weights(self, state_dict: dict) -> None:
         """The whole state dict, through Ray's object store (first sync, fallback)."""
 
-    # The weight route (rlsr_ray/weight_group.py): this backend's end of the group, where the model is.
+    # The weight route (rlsr_ray/modeling/weight_group.py): this backend's end of the group, where the model is.
     weight_dtype: str  # what the model's weights are held in, hence what travels
 
     def join_route(self, address: str, rank: int, settings: Any, specs: list) -> None: ...

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from actors.reaper import child_pids, reap_with_this_process
 from actors.sampling import Sample, SamplingSpec, cut_at_eos, mixed_seed
-from rlsr_ray.weight_group import TensorSpec
+from rlsr_ray.modeling.weight_group import TensorSpec
 
 # Names repeated from actors/vllm_logits.py, which imports vLLM and so loads only where it runs.
 VOCAB_MASK = "actors.vllm_logits:TokenizerVocabMask"
@@ -130,7 +130,7 @@ class WeightLoaderExtension:
         """rank: the engine's first rank in the route; each tensor-parallel worker takes the next
         (its engine rank, vLLM's `self.rank`). Every shard receives the full tensors and its
         model's load_weights keeps its own slice, as when it loads a checkpoint."""
-        from rlsr_ray.weight_group import RouteSettings, WeightGroup
+        from rlsr_ray.modeling.weight_group import RouteSettings, WeightGroup
 
         self.rlsr_route = WeightGroup(address, rank + self.rank, RouteSettings(*settings))
         self.rlsr_specs = specs_from_rpc(specs)
@@ -203,7 +203,7 @@ class AdapterFiles:
 
         from vllm.lora.request import LoRARequest
 
-        from rlsr_ray import lora
+        from rlsr_ray.modeling import lora
 
         n = self.request.lora_int_id + 1 if self.request is not None else 1  # vLLM's ids start at 1
         folder = os.path.join(self.root, f"v{n}")
@@ -225,7 +225,7 @@ class VLLMBackend:
                  lora=None):
         from transformers import AutoConfig
 
-        from rlsr_ray.lora import MERGED, is_adapter
+        from rlsr_ray.modeling.lora import MERGED, is_adapter
 
         if is_adapter(policy_path):
             raise ValueError(f"{policy_path}: the vllm backend loads a whole model, not a PEFT adapter folder; "
@@ -286,7 +286,7 @@ class VLLMBackend:
 
         from safetensors.torch import save_file
 
-        from rlsr_ray.policy import state_dict_to_torch
+        from rlsr_ray.modeling.policy import state_dict_to_torch
 
         if self.adapters is not None:
             self.adapters.load(state_dict_to_torch(state_dict))

@@ -1,7 +1,7 @@
 """What the step's data path costs: the real step (rlsr_ray.driver.step.rlsr_step, with its Arrow tables,
 checks, pieces, joins and object-store hand-offs between four Ray pools) with the models taken out.
 
-The actors below build, check and pass tables exactly as the real ones do (same rlsr_ray.batch /
+The actors below build, check and pass tables exactly as the real ones do (same rlsr_ray.contract.batch /
 selection code, same call signatures) but generate random tokens and rewards instead of running a
 model, so a step's time here is Arrow conversion + object-store transfer + Ray call overhead.
 Divide by a real step's time (metrics.jsonl `step_s`) for its share.
@@ -31,8 +31,8 @@ class DataOnlyRollout:
         self.rng = np.random.default_rng(rank)
 
     def generate_summarised(self, prompts, spec):
-        from rlsr_ray import batch
-        from rlsr_ray.selection import rollout_summary
+        from rlsr_ray.contract import batch
+        from rlsr_ray.contract.selection import rollout_summary
 
         prompts = batch.check(prompts, batch.PROMPTS, "rollout input")
         n, rows = spec.n, len(prompts) * spec.n
@@ -58,8 +58,8 @@ class DataOnlyReward:
         self.rng = np.random.default_rng(100 + rank)
 
     def score_parts(self, selection, *tables):
-        from rlsr_ray import batch
-        from rlsr_ray.selection import gather
+        from rlsr_ray.contract import batch
+        from rlsr_ray.contract.selection import gather
 
         t = batch.check(gather(tables, selection, batch.ROLLOUTS), batch.ROLLOUTS, "reward input")
         r = self.rng.random(len(t), dtype=np.float32)
@@ -73,8 +73,8 @@ class DataOnlyReference:
         pass
 
     def logprobs_counted(self, selection, *tables):
-        from rlsr_ray import batch
-        from rlsr_ray.selection import gather
+        from rlsr_ray.contract import batch
+        from rlsr_ray.contract.selection import gather
 
         t = batch.check(gather(tables, selection, batch.ROLLOUTS), batch.ROLLOUTS, "reference input")
         out = pa.table({"group_id": t.column("group_id"), "sample_idx": t.column("sample_idx"),
@@ -88,7 +88,7 @@ class DataOnlyLearner:
         self.rank = rank
 
     def train_parts(self, parts, rollout_tables, *tables):
-        from rlsr_ray import batch
+        from rlsr_ray.contract import batch
 
         trains = batch.assemble_train(parts, tables[:rollout_tables], tables[rollout_tables:], "learner input")
         trains = [batch.check(t, batch.TRAIN, "learner") for t in trains]
@@ -120,7 +120,7 @@ def main() -> None:
     from rlsr_ray.config import PoolConfig, load_config
     from rlsr_ray.driver.step import rlsr_step, sampling_spec
     from rlsr_ray.driver.pipeline import Pools, start_generation
-    from rlsr_ray.plan import step_plan
+    from rlsr_ray.plan.resources import step_plan
 
     k = args.actors
     mb = max(1, args.prompts // 2)

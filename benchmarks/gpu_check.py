@@ -28,7 +28,7 @@ from actors.learner import LearnerActor, LearnerSettings  # noqa: E402
 from actors.reference import ReferenceActor  # noqa: E402
 from actors.rollout import RolloutActor  # noqa: E402
 from actors.sampling import SamplingSpec  # noqa: E402
-from rlsr_ray import batch  # noqa: E402
+from rlsr_ray.contract import batch  # noqa: E402
 from rlsr_ray.algo.grpo import group_advantages  # noqa: E402
 from rlsr_ray.algo.loss import LossSettings  # noqa: E402
 
@@ -190,7 +190,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from rlsr_ray.policy import load_tokenizer
+    from rlsr_ray.modeling.policy import load_tokenizer
 
     tok = load_tokenizer(args.tiny)
     report = {"device": torch.cuda.get_device_name(0) if DEVICE.startswith("cuda") else "cpu",

@@ -17,7 +17,7 @@ writes gpu_ray_check.json under --out. Then `rlsr_ray.sft` runs 4 steps through 
 same device (ZeRO-0, bf16 on CUDA), which must skip no step and lower the loss. Last, the memory
 plan on the GPU: benchmarks/learner_memory.py on a random policy of Qwen2.5-0.5B's shape (its
 151,936-row head included) at 1 x (256 + 4,096) tokens, learner and reference, memory features off
-and on; each peak must be within 25 % of rlsr_ray.memory's figure (--smoke: tiny sizes, no bound).
+and on; each peak must be within 25 % of rlsr_ray.plan.memory's figure (--smoke: tiny sizes, no bound).
 """
 from __future__ import annotations
 
@@ -90,8 +90,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     from gpu_check import smollm2_shaped
 
-    from rlsr_ray.models import TINY, resolve_policy
-    from rlsr_ray.policy import load_tokenizer
+    from rlsr_ray.modeling.models import TINY, resolve_policy
+    from rlsr_ray.modeling.policy import load_tokenizer
 
     tiny = args.tiny or resolve_policy(TINY, str(out / "cache"))
     policy = tiny if args.smoke else smollm2_shaped(load_tokenizer(tiny), out / "smollm2_shaped")
@@ -126,12 +126,12 @@ def main() -> int:
 
 
 def qwen05b_shaped(tokenizer_path: str, out: Path) -> str:
-    """A random Qwen2 of Qwen2.5-0.5B's shape (rlsr_ray.memory_plan.KNOWN_SHAPES) with the tiny
+    """A random Qwen2 of Qwen2.5-0.5B's shape (rlsr_ray.plan.memory_plan.KNOWN_SHAPES) with the tiny
     policy's tokenizer: its head has more rows than the tokenizer has tokens, as the real one."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rlsr_ray.memory_plan import KNOWN_SHAPES
-    from rlsr_ray.policy import load_tokenizer
+    from rlsr_ray.plan.memory_plan import KNOWN_SHAPES
+    from rlsr_ray.modeling.policy import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
     cfg = Qwen2Config(**KNOWN_SHAPES["qwen2.5-0.5b"], max_position_embeddings=32768, bos_token_id=tok.bos_token_id,

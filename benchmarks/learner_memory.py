@@ -6,7 +6,7 @@ one micro-batch of `--rows` sequences of `--prompt` prompt tokens and answers of
 second row's answer a quarter shorter, so rows are padded as in a real batch). Each role first
 makes one small call (the learner's allocates AdamW's moments, and both set up their kernels);
 then the kernel's peak-RSS mark is reset (/proc/self/clear_refs) and the measured call runs.
-`peak_bytes` is the peak RSS above the RSS before the call; `predicted_bytes` is rlsr_ray.memory's
+`peak_bytes` is the peak RSS above the RSS before the call; `predicted_bytes` is rlsr_ray.plan.memory's
 figure for the same call (activations, plus the gradients a ZeRO-0 step allocates afresh).
 glibc's mmap threshold is fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the
 RSS at once and the peak RSS is the peak of live memory, not of the allocator's cache. With
@@ -41,7 +41,7 @@ def _table(rows: int, prompt: int, answer: int):
     import numpy as np
     import pyarrow as pa
 
-    from rlsr_ray import batch
+    from rlsr_ray.contract import batch
 
     rng = np.random.default_rng(0)
     lengths = [answer if i % 2 == 0 else answer * 3 // 4 for i in range(rows)]
@@ -64,10 +64,10 @@ def measure(role: str, rows: int, prompt: int, answer: int, features: list[str],
     import torch
 
     from actors.pool import Pool
-    from rlsr_ray import batch
+    from rlsr_ray.contract import batch
     from rlsr_ray.config import PoolConfig
-    from rlsr_ray.memory import Batch, ModelShape, learner_activation_bytes, reference_activation_bytes, state_bytes
-    from rlsr_ray.models import resolve_policy
+    from rlsr_ray.plan.memory import Batch, ModelShape, learner_activation_bytes, reference_activation_bytes, state_bytes
+    from rlsr_ray.modeling.models import resolve_policy
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     path = resolve_policy(policy, os.path.expanduser("~/.cache/rlsr_ray"))

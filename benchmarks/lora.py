@@ -44,8 +44,8 @@ def states(lora_rank: int) -> dict:
     from actors.learner import LearnerActor
     from rlsr_ray.config import load_config
     from rlsr_ray.driver.pools import learner_settings
-    from rlsr_ray.models import resolve_policy
-    from rlsr_ray.policy import load_tokenizer, set_threads
+    from rlsr_ray.modeling.models import resolve_policy
+    from rlsr_ray.modeling.policy import load_tokenizer, set_threads
 
     set_threads(2)
     extra = ["--train.lora.enabled=true", f"--train.lora.rank={lora_rank}", "--pools.reference.num_actors=0"] \

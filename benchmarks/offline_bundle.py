@@ -64,7 +64,7 @@ def main() -> int:
     args = ap.parse_args()
     tiny = args.tiny
     if tiny is None:
-        from rlsr_ray.models import TINY, resolve_policy
+        from rlsr_ray.modeling.models import TINY, resolve_policy
 
         tiny = resolve_policy(TINY, "~/.cache/rlsr_ray")
     wheels = bundle(Path(args.out), args.python, args.ray, args.deepspeed, tiny)

@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlsr_ray import batch, data  # noqa: E402
-from rlsr_ray.models import MINILM, resolve_reward_model  # noqa: E402
+from rlsr_ray import data  # noqa: E402
+from rlsr_ray.contract import batch  # noqa: E402
+from rlsr_ray.modeling.models import MINILM, resolve_reward_model  # noqa: E402
 from rlsr_ray.algo.terms import paper  # noqa: E402
 
 

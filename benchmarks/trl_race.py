@@ -64,8 +64,8 @@ def run_trl(steps: int, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from rlsr_ray import data
-    from rlsr_ray.models import resolve_policy, resolve_reward_model
-    from rlsr_ray.policy import resolve_compute_dtype
+    from rlsr_ray.modeling.models import resolve_policy, resolve_reward_model
+    from rlsr_ray.modeling.policy import resolve_compute_dtype
     from rlsr_ray.algo import terms as T
 
     if trl.__version__ != TRL_VERSION:

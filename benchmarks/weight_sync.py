@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default="weight_sync.json")
     args = ap.parse_args()
-    from rlsr_ray.policy import cpu_has_fast_bf16
+    from rlsr_ray.modeling.policy import cpu_has_fast_bf16
 
     report = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_fast_bf16(),
               "steps": args.steps, "paths": {}}

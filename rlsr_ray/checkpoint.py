@@ -219,7 +219,7 @@ def save_pending(folder: Path, tables: dict[int, Any]) -> list[int]:
 def load_pending(folder: Path, steps: list[int]) -> dict[int, Any]:
     import pyarrow.parquet as pq
 
-    from rlsr_ray import batch
+    from rlsr_ray.contract import batch
 
     out = {}
     for step in steps:

@@ -44,8 +44,9 @@ def sft_rows(cfg: Config, policy_path: str) -> pa.Table:
     dropped or cut by data.prompt_overflow, as there), answer ids + EOS. An answer longer than
     sft.max_answer_tokens is cut and gets no EOS: ending it there would teach the policy to stop
     mid-answer."""
-    from rlsr_ray import batch, data
-    from rlsr_ray.policy import load_tokenizer
+    from rlsr_ray.contract import batch
+    from rlsr_ray import data
+    from rlsr_ray.modeling.policy import load_tokenizer
 
     examples = data.load_examples(cfg.data.path)
     train, _ = data.split_heldout(examples, cfg.data.heldout_size, cfg.data.shuffle_seed)
@@ -77,7 +78,7 @@ def worker_shares(rows: pa.Table, indices: list[int], world: int, micro_batch_si
     """One global batch: its rows sorted by length and cut into one contiguous share per worker,
     the batch's answer-token count (the loss normaliser on every worker), and the passes each
     worker makes (the most any needs)."""
-    from rlsr_ray import batch
+    from rlsr_ray.contract import batch
 
     b = rows.take(pa.array(indices, pa.int64()))
     answers = pc.list_value_length(b.column("response_ids")).to_numpy(zero_copy_only=False)
@@ -99,7 +100,7 @@ def _worker(job: dict[str, Any]) -> None:
 
     from actors.learner import LearnerActor
     from rlsr_ray import data
-    from rlsr_ray.metrics import MetricsWriter, truncate_metrics
+    from rlsr_ray.tracking.metrics import MetricsWriter, truncate_metrics
 
     quiet_ray_train_reports()
     ctx = ray.train.get_context()
@@ -277,15 +278,15 @@ def run(cfg: Config) -> dict[str, Any]:
     from rlsr_ray import tracking
     from rlsr_ray.driver.pools import learner_settings
     from rlsr_ray.driver.ray_session import connect_ray, on_local_ray
-    from rlsr_ray.metrics import truncate_metrics
-    from rlsr_ray.models import resolve_policy
+    from rlsr_ray.tracking.metrics import truncate_metrics
+    from rlsr_ray.modeling.models import resolve_policy
     from rlsr_ray.tracking.tail import MetricsTail
 
     t0 = time.perf_counter()
     out = Path(cfg.run.output_dir).expanduser().resolve()  # Ray Train needs an absolute storage path
     policy = resolve_policy(cfg.model.policy, cfg.model.cache_dir)
     if cfg.train.lora.enabled:  # adapters on layers the policy has, before any weights load
-        from rlsr_ray.lora import LoraSpec, check_targets
+        from rlsr_ray.modeling.lora import LoraSpec, check_targets
 
         check_targets(policy, LoraSpec.from_config(cfg.train.lora))
     tracking.check_run(cfg)  # a tracking back end not installed or not answering: one line, nothing started
@@ -354,7 +355,7 @@ def run(cfg: Config) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from rlsr_ray.cli import command, split_preset
     from rlsr_ray.data import DataError
-    from rlsr_ray.models import ModelError
+    from rlsr_ray.modeling.models import ModelError
     from rlsr_ray.tracking import TrackingError
 
     return command(argv, USAGE, lambda args: run(load_config(*split_preset(args))),

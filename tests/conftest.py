@@ -45,21 +45,21 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def tiny_policy() -> str:
-    from rlsr_ray.models import TINY, resolve_policy
+    from rlsr_ray.modeling.models import TINY, resolve_policy
 
     return resolve_policy(TINY, CACHE)
 
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from rlsr_ray.models import MINILM, resolve_reward_model
+    from rlsr_ray.modeling.models import MINILM, resolve_reward_model
 
     return resolve_reward_model(MINILM)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_policy):
-    from rlsr_ray.policy import load_tokenizer
+    from rlsr_ray.modeling.policy import load_tokenizer
 
     return load_tokenizer(tiny_policy)
 

@@ -14,7 +14,8 @@ from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.rollout import RolloutActor
 from actors.sampling import SamplingSpec
-from rlsr_ray import batch, data
+from rlsr_ray.contract import batch
+from rlsr_ray import data
 from rlsr_ray.driver.step import build_train_table
 from rlsr_ray.algo.loss import LossSettings
 from rlsr_ray.algo.terms import paper
@@ -321,7 +322,7 @@ def test_model_generation_config_does_not_change_sampling(tiny_policy, prompts, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlsr_ray.policy import pad_batch
+    from rlsr_ray.modeling.policy import pad_batch
 
     path = tmp_path / "policy"
     shutil.copytree(tiny_policy, path)
@@ -347,7 +348,7 @@ def test_logits_beyond_the_tokenizer_are_never_sampled_and_out_of_every_logprob(
     of the logits are padding, initialised like real rows, so sampling them would be near certain."""
     from transformers import AutoModelForCausalLM
 
-    from rlsr_ray.policy import load_tokenizer
+    from rlsr_ray.modeling.policy import load_tokenizer
 
     tok = load_tokenizer(tiny_policy)
     model = AutoModelForCausalLM.from_pretrained(tiny_policy)

@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rlsr_ray import batch
+from rlsr_ray.contract import batch
 
 
 def rollouts(n=4, bad_logprob_row=None):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlsr_ray import checkpoint
-from rlsr_ray.metrics import read_metrics, truncate_metrics
+from rlsr_ray.tracking.metrics import read_metrics, truncate_metrics
 
 
 def test_optimizer_state_roundtrips_without_pickle(tmp_path):

@@ -11,7 +11,7 @@ import ray
 import yaml
 
 from rlsr_ray.config import load_config
-from rlsr_ray.plan import ROLES, bundle
+from rlsr_ray.plan.resources import ROLES, bundle
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
 SCHEMA = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
@@ -56,7 +56,7 @@ def test_every_pool_at_its_max_actors_fits_the_cluster_at_its_max_workers(preset
     """The elastic pools' bounds and the cluster's node counts agree: what the run asks the
     autoscaler for (every pool at max_actors) is there when every node type is at max_workers,
     packing each pool's actors onto the node types that carry them, pool by pool."""
-    from rlsr_ray.pool_sizes import bounds
+    from rlsr_ray.config.pool_sizes import bounds
 
     cfg = load_config(preset)
     spec = yaml.safe_load((CLUSTERS / cluster).read_text())

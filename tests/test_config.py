@@ -1,7 +1,7 @@
 import pytest
 
 from rlsr_ray.config import Config, ConfigError, load_config, parse_override, preset_names
-from rlsr_ray.plan import step_plan
+from rlsr_ray.plan.resources import step_plan
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -81,7 +81,7 @@ def test_vllm_with_top_p_is_accepted_when_learners_recompute_old_logprobs():
 def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
     import torch
 
-    from rlsr_ray import policy
+    from rlsr_ray.modeling import policy
 
     assert policy.resolve_compute_dtype("float32", "cuda") == "float32"  # an explicit choice stands
     assert policy.resolve_compute_dtype("auto", "cuda") == "bfloat16"
@@ -95,7 +95,7 @@ def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
 
 
 def test_a_learner_group_shrinks_only_to_sizes_that_split_a_mini_batch():
-    from rlsr_ray.pool_sizes import learner_sizes
+    from rlsr_ray.config.pool_sizes import learner_sizes
 
     assert learner_sizes(load_config("gpu_a100")) == [8, 4]  # 2048 sequences a mini-batch
     assert learner_sizes(load_config("gpu_hetero")) == [4, 2, 1]

@@ -16,7 +16,7 @@ import pytest
 
 from actors.learner import LearnerActor
 from actors.pool import Pool
-from rlsr_ray import batch
+from rlsr_ray.contract import batch
 from rlsr_ray.config import PoolConfig
 from test_actors import _train_table, _update, assert_same_update, learner, settings
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rlsr_ray.evaluation.lm_eval_tasks import condense, paired
+from rlsr_ray.evaluation.harness import condense
+from rlsr_ray.evaluation.lm_eval_tasks import paired
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 # float32 sums of a few tokens' log-softmax, batched with padding by the harness and one by one

@@ -13,7 +13,9 @@ from test_actors import SPEC, learner, settings
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.rollout import RolloutActor
-from rlsr_ray import batch, data, lora
+from rlsr_ray.contract import batch
+from rlsr_ray import data
+from rlsr_ray.modeling import lora
 from rlsr_ray.algo.terms import paper
 from rlsr_ray.config import ConfigError, load_config
 from rlsr_ray.driver.step import build_train_table
@@ -147,7 +149,7 @@ def test_checkpoint_is_a_peft_adapter_with_a_merged_folder_and_resumes_exactly(t
     folded = lora.merged_state_dict(lrn.engine.module)
     assert all(torch.equal(merged[k], folded[k]) for k in merged)
     # Either folder loads where a policy is taken (eval, serve): the adapter one merged on load.
-    from rlsr_ray.policy import load_causal_lm
+    from rlsr_ray.modeling.policy import load_causal_lm
 
     via_adapter = load_causal_lm(str(folder)).state_dict()
     assert all(torch.equal(via_adapter[k], merged[k]) for k in merged)

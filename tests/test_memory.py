@@ -1,4 +1,4 @@
-"""rlsr_ray.memory against what the real code path keeps: the bytes autograd saves for backward,
+"""rlsr_ray.plan.memory against what the real code path keeps: the bytes autograd saves for backward,
 counted with saved-tensor hooks on the tiny policy (each storage once, parameters left out)."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from rlsr_ray.memory import Batch, ModelShape, learner_activation_bytes, reference_activation_bytes, state_bytes
-from rlsr_ray.policy import enable_checkpointing, forward_logprobs, load_causal_lm, pad_batch
+from rlsr_ray.plan.memory import Batch, ModelShape, learner_activation_bytes, reference_activation_bytes, state_bytes
+from rlsr_ray.modeling.policy import enable_checkpointing, forward_logprobs, load_causal_lm, pad_batch
 
 SMOLLM2_135M = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
                 "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}

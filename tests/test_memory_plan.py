@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from rlsr_ray import plan as plan_cli
+from rlsr_ray.plan import __main__ as plan_cli
 from rlsr_ray.config import load_config
-from rlsr_ray.memory_plan import PlanError, check
+from rlsr_ray.plan.memory_plan import PlanError, check
 
 WITHOUT_FEATURES = ["--train.gradient_checkpointing=false", "--train.logprob_chunk_tokens=0"]
 

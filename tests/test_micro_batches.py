@@ -1,9 +1,9 @@
-"""Micro-batches by rows or by a padded-token budget (rlsr_ray/micro_batches.py)."""
+"""Micro-batches by rows or by a padded-token budget (rlsr_ray/contract/micro_batches.py)."""
 from __future__ import annotations
 
 import random
 
-from rlsr_ray.micro_batches import micro_batches, padded_tokens
+from rlsr_ray.contract.micro_batches import micro_batches, padded_tokens
 
 
 def test_without_a_budget_rows_go_in_order_in_runs_of_micro_batch_size():

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from rlsr_ray import batch
+from rlsr_ray.contract import batch
 from rlsr_ray.algo.grpo import informative_groups
-from rlsr_ray.plan import minibatch_rows
-from rlsr_ray.selection import contiguous, gather, pieces, runs, used
+from rlsr_ray.plan.resources import minibatch_rows
+from rlsr_ray.contract.selection import contiguous, gather, pieces, runs, used
 
 
 def test_pieces_cover_ranges_across_table_boundaries():
@@ -81,7 +81,7 @@ def train12(tiny_policy, tiny_tokenizer, minilm_path):
 def _generation(ray, table: pa.Table, cuts: list[int]):
     from actors.sampling import SamplingSpec
     from rlsr_ray.driver.pipeline import Generation
-    from rlsr_ray.selection import rollout_summary
+    from rlsr_ray.contract.selection import rollout_summary
 
     tables = [table.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, len(table)])]
     return Generation(0, None, SamplingSpec(3, 8, 1.0, 1.0, 0), 0, [ray.put(t) for t in tables],
@@ -99,7 +99,7 @@ def test_learners_assemble_variable_minibatches_from_pieces(local_ray, tiny_poli
     from rlsr_ray.config import PoolConfig, load_config
     from rlsr_ray.driver.step import Rounds, build_train_table, learner_parts, scores_table
     from rlsr_ray.driver.pipeline import Scored
-    from rlsr_ray.plan import step_plan
+    from rlsr_ray.plan.resources import step_plan
     from test_actors import assert_same_update, learner, settings
 
     rollouts = train12.select(batch.ROLLOUTS.names)

@@ -1,7 +1,7 @@
 import pytest
 
 from rlsr_ray.config import ConfigError, load_config
-from rlsr_ray.plan import bundle, bundles, local_num_cpus, step_plan, total_resources
+from rlsr_ray.plan.resources import bundle, bundles, local_num_cpus, step_plan, total_resources
 
 
 def test_bundle_carries_gpu_accelerator_and_custom_resources():

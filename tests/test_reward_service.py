@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from actors.reward import RewardActor
-from rlsr_ray import batch
+from rlsr_ray.contract import batch
 from rlsr_ray.algo.terms import paper
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 from listeners import LOOPBACK, own_ray_env, session_listeners
 from processes import in_own_session
 
-from rlsr_ray import batch
+from rlsr_ray.contract import batch
 from rlsr_ray.sft import worker_shares
 
 
@@ -96,7 +96,7 @@ def _sft(out, *args):
 
 
 def _steps(out) -> list[dict]:
-    from rlsr_ray.metrics import read_metrics
+    from rlsr_ray.tracking.metrics import read_metrics
 
     return read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
 
@@ -138,7 +138,7 @@ def test_sft_on_two_workers_survives_a_killed_worker_resumes_exactly_and_writes_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from rlsr_ray.models import resolve_policy
+    from rlsr_ray.modeling.models import resolve_policy
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     # The ten steps in one go alongside the interrupted run, in a session (and local Ray) of its
@@ -225,7 +225,7 @@ def test_sft_with_lora_writes_an_adapter_peft_loads_and_a_merged_folder(tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rlsr_ray.models import resolve_policy
+    from rlsr_ray.modeling.models import resolve_policy
 
     out = tmp_path / "lora"
     done = _sft(out, "--sft.steps=3", "--train.lora.enabled=true", "--train.lora.rank=4")

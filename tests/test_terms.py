@@ -12,11 +12,11 @@ import pyarrow as pa
 import pytest
 
 from actors.reward import RewardActor
-from rlsr_ray import batch
+from rlsr_ray.contract import batch
 from rlsr_ray.algo import terms as T
 from rlsr_ray.algo.reward import PenaltyRule, cosine_rows, longest_common_substring
 from rlsr_ray.config import load_config
-from rlsr_ray.models import resolve_reward_terms
+from rlsr_ray.modeling.models import resolve_reward_terms
 
 sys.path.insert(0, str(Path(__file__).parent))  # reward_fns, as a user's module on the path
 import reward_fns  # noqa: E402

@@ -191,7 +191,7 @@ def _rpc(wrapper: WorkerWrapperBase, method: str, args: tuple):
 def test_weight_rpcs_cross_vllms_encoding_into_the_mixed_in_extension(monkeypatch, tmp_path):
     from safetensors.torch import save_file
 
-    from rlsr_ray.weight_group import RouteSettings, TensorSpec
+    from rlsr_ray.modeling.weight_group import RouteSettings, TensorSpec
 
     wrapper = _wrapper_with_extension(monkeypatch)
     assert isinstance(wrapper.worker, vb.WeightLoaderExtension) and isinstance(wrapper.worker, GPUWorker)
@@ -201,7 +201,7 @@ def test_weight_rpcs_cross_vllms_encoding_into_the_mixed_in_extension(monkeypatc
     torch.testing.assert_close(wrapper.worker.model_runner.loaded["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
 
     joined = {}
-    monkeypatch.setattr("rlsr_ray.weight_group.WeightGroup",
+    monkeypatch.setattr("rlsr_ray.modeling.weight_group.WeightGroup",
                         lambda address, rank, settings: joined.update(address=address, rank=rank, settings=settings))
     settings = RouteSettings(3, "nccl", "bfloat16", 64 << 20, 30.0)
     specs = [TensorSpec("lm_head.weight", (QWEN_LOGITS, 896))]
@@ -288,8 +288,8 @@ def test_each_syncs_adapters_load_through_vllms_own_lora_loader(tiny_policy, mon
     from vllm.config.lora import LoRAConfig
     from vllm.lora.peft_helper import PEFTHelper
 
-    from rlsr_ray import lora
-    from rlsr_ray.policy import load_causal_lm
+    from rlsr_ray.modeling import lora
+    from rlsr_ray.modeling.policy import load_causal_lm
 
     monkeypatch.setattr(lora_model, "PIN_MEMORY", False)
     spec = lora.LoraSpec(4, 8.0, 0.0, LORA_TARGETS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlsr_ray.weight_group import TensorSpec, bucket_plan, pack, tensor_specs, unpack
+from rlsr_ray.modeling.weight_group import TensorSpec, bucket_plan, pack, tensor_specs, unpack
 
 
 def test_tensor_specs_keep_order_and_send_tied_weights_once():
@@ -39,7 +39,7 @@ def test_the_nccl_route_fails_after_the_configured_timeout_not_torchs_ten_minute
     import datetime
     from types import SimpleNamespace
 
-    from rlsr_ray.weight_group import nccl_group
+    from rlsr_ray.modeling.weight_group import nccl_group
 
     class StandInNCCL:
         Options = SimpleNamespace  # torch: ProcessGroupNCCL.Options(), then attributes set on it

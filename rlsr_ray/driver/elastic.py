@@ -49,8 +49,8 @@ def request_capacity(cfg) -> bool:
     """With an elastic pool, ask the autoscaler for every pool at its largest at once (the
     placement groups waiting for room ask one by one, at the autoscaler's upscaling speed); the
     request holds until release_capacity(). Returns whether it asked."""
-    from rlsr_ray.plan import ROLES, bundle
-    from rlsr_ray.pool_sizes import bounds, elastic
+    from rlsr_ray.plan.resources import ROLES, bundle
+    from rlsr_ray.config.pool_sizes import bounds, elastic
 
     if not any(elastic(getattr(cfg.pools, r)) for r in ROLES if r != "learner"):
         return False

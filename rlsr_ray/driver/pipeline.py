@@ -6,7 +6,7 @@
 
 A rollout actor returns its table and a summary as two objects; the driver fetches summaries and
 rewards (a few numbers per sample) and sends each consumer only the tables its rows are in, with
-pieces naming the rows (rlsr_ray/selection.py). Each table is checked by the actor that makes it
+pieces naming the rows (rlsr_ray/contract/selection.py). Each table is checked by the actor that makes it
 and by the actor that reads it. Pools run in the driver (num_actors: 0) go through the same code
 with the tables themselves in place of references.
 """
@@ -24,8 +24,8 @@ import pyarrow.compute as pc
 from actors import placement_watch
 from actors.pool import Pool
 from actors.sampling import SamplingSpec
-from rlsr_ray import batch
-from rlsr_ray.selection import contiguous, pieces, used
+from rlsr_ray.contract import batch
+from rlsr_ray.contract.selection import contiguous, pieces, used
 from rlsr_ray.driver.weight_route import WeightRoute
 
 log = logging.getLogger("rlsr_ray")
@@ -120,7 +120,7 @@ def finish_generation(pools: Pools, gen: Generation) -> Generation:
 
 def loaded_generation(pools: Pools, table: pa.Table, spec: SamplingSpec, step: int) -> Generation:
     """A finished generation from a ROLLOUTS table read back from a checkpoint."""
-    from rlsr_ray.selection import rollout_summary
+    from rlsr_ray.contract.selection import rollout_summary
 
     prompts = table.filter(pc.equal(table.column("sample_idx"), 0)).select(batch.PROMPTS.names)
     summary = rollout_summary(table)

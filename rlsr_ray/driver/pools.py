@@ -9,7 +9,7 @@ def learner_settings(cfg: Config, lr: float, micro_steps: int):
     """The learner's settings from the config (rlsr_ray.sft passes its own learning rate)."""
     from actors.learner import LearnerSettings
     from rlsr_ray.algo.loss import LossSettings
-    from rlsr_ray.lora import LoraSpec
+    from rlsr_ray.modeling.lora import LoraSpec
 
     a, t = cfg.algo, cfg.train
     return LearnerSettings(
@@ -34,7 +34,7 @@ def learner_pool(cfg: Config, policy_path: str, learners: int | None = None,
 
     from actors.learner import LearnerActor
     from actors.pool import Pool
-    from rlsr_ray.plan import step_plan
+    from rlsr_ray.plan.resources import step_plan
 
     plan = step_plan(cfg, learners)
     p = cfg.pools.learner
@@ -58,8 +58,8 @@ def rebuild_learner_group(cfg: Config, policy_path: str, at_most: int | None = N
     import logging
 
     from actors.pool import PoolTimeout
-    from rlsr_ray.pool_sizes import learner_sizes
-    from rlsr_ray.plan import step_plan
+    from rlsr_ray.config.pool_sizes import learner_sizes
+    from rlsr_ray.plan.resources import step_plan
 
     sizes = [s for s in learner_sizes(cfg) if at_most is None or s <= at_most]
     for size, smaller in zip(sizes, sizes[1:] + [None]):
@@ -88,7 +88,7 @@ def room_for_learners(cfg: Config, extra: int, wait_s: float = 1.0) -> bool:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from rlsr_ray.plan import bundle
+    from rlsr_ray.plan.resources import bundle
 
     want = bundle(cfg.pools.learner)
     free = ray.available_resources()
@@ -137,7 +137,7 @@ def rollout_pool(cfg: Config, policy_path: str, adapters: bool = True):
     (evaluation) generates from the policy as it is."""
     from actors.pool import Pool
     from actors.rollout import RolloutActor
-    from rlsr_ray.lora import LoraSpec
+    from rlsr_ray.modeling.lora import LoraSpec
 
     p, r = cfg.pools.rollout, cfg.rollout
     return Pool("rollout", RolloutActor, p, dict(
@@ -169,7 +169,7 @@ def build_pools(cfg: Config, policy_path: str, terms: list):
     from actors.pool import Pool
     from actors.reference import ReferenceActor
     from rlsr_ray.driver.step import Pools
-    from rlsr_ray.plan import step_plan
+    from rlsr_ray.plan.resources import step_plan
 
     p, t = cfg.pools, cfg.train
     # Every pool's actors are created before the first call to any of them, so all load at once;

@@ -38,7 +38,7 @@ _LOCAL_RAY = False  # the Ray this process is connected to is one connect_ray st
 def connect_ray(cfg: Config) -> bool:
     """Join a cluster if one is reachable, else start a local one. Returns True if started here."""
     global _LOCAL_RAY
-    from rlsr_ray.plan import local_num_cpus
+    from rlsr_ray.plan.resources import local_num_cpus
 
     address = found = None
     if cfg.ray.address != "local":

@@ -34,7 +34,7 @@ Sections: model, data, rollout, algo, train, pools.<role>, ray, reward_service, 
 
 def prepare_data(cfg: Config, policy_path: str):
     from rlsr_ray import data
-    from rlsr_ray.policy import load_tokenizer
+    from rlsr_ray.modeling.policy import load_tokenizer
 
     examples = data.load_examples(cfg.data.path)
     train_ex, heldout_ex = data.split_heldout(examples, cfg.data.heldout_size, cfg.data.shuffle_seed)
@@ -48,13 +48,15 @@ def prepare_data(cfg: Config, policy_path: str):
 
 def run(cfg: Config) -> dict[str, Any]:
     """Run a whole job; returns the summary also written to output_dir/summary.json."""
-    from rlsr_ray import checkpoint, data, memory_plan
+    from rlsr_ray import checkpoint
+    from rlsr_ray import data
+    from rlsr_ray.plan import memory_plan
     from rlsr_ray.driver import trainer
     from rlsr_ray.driver.heldout import heldout_similarity, paired_delta
     from rlsr_ray.config import reference_in_learner
-    from rlsr_ray.lora import MERGED, LoraSpec, check_targets
-    from rlsr_ray.models import resolve_policy, resolve_reward_terms
-    from rlsr_ray.policy import describe_compute_dtype
+    from rlsr_ray.modeling.lora import MERGED, LoraSpec, check_targets
+    from rlsr_ray.modeling.models import resolve_policy, resolve_reward_terms
+    from rlsr_ray.modeling.policy import describe_compute_dtype
     from rlsr_ray import tracking
 
     t_start = time.perf_counter()
@@ -161,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     from rlsr_ray.algo.terms import RewardTermError
     from rlsr_ray.checkpoint import CheckpointError
     from rlsr_ray.data import DataError
-    from rlsr_ray.memory_plan import PlanError
-    from rlsr_ray.models import ModelError
+    from rlsr_ray.plan.memory_plan import PlanError
+    from rlsr_ray.modeling.models import ModelError
     from rlsr_ray.tracking import TrackingError
 
     try:

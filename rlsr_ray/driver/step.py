@@ -20,13 +20,13 @@ import pyarrow as pa
 
 from actors.pool import InputLost
 from actors.sampling import SamplingSpec
-from rlsr_ray import batch
+from rlsr_ray.contract import batch
 from rlsr_ray.config import Config
 from rlsr_ray.algo.grpo import group_advantages, informative_groups
 from rlsr_ray.driver.pipeline import (Generation, Pools, Scored, finish_generation, nonfinite_reason, score,
                                start_generation, sync_weights)
-from rlsr_ray.plan import StepPlan, minibatch_rows
-from rlsr_ray.selection import MinibatchParts, pieces, runs, used
+from rlsr_ray.plan.resources import StepPlan, minibatch_rows
+from rlsr_ray.contract.selection import MinibatchParts, pieces, runs, used
 
 log = logging.getLogger("rlsr_ray")
 

@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from actors.pool import ActorFailure, PoolTimeout
-from rlsr_ray import checkpoint, data
+from rlsr_ray import checkpoint
+from rlsr_ray import data
 from rlsr_ray.config import Config
 from rlsr_ray.driver.elastic import draining_nodes, membership_metrics
 from rlsr_ray.driver.step import Pools, rlsr_step, sync_weights
 from rlsr_ray.driver.pipeline import settle_loads
 from rlsr_ray.driver.schedule import Schedule
-from rlsr_ray.metrics import MetricsWriter, truncate_metrics
-from rlsr_ray.plan import StepPlan
+from rlsr_ray.tracking.metrics import MetricsWriter, truncate_metrics
+from rlsr_ray.plan.resources import StepPlan
 
 log = logging.getLogger("rlsr_ray")
 
@@ -55,7 +56,7 @@ def resumable(cfg: Config, folder: Path, policy_path: str) -> dict[str, Any]:
             f"{folder}: optimizer state is ZeRO-{saved['zero_stage']}, but this run has train.zero_stage="
             f"{cfg.train.zero_stage}; ZeRO-0 state resumes with ZeRO-0, ZeRO >= 1 state with any stage >= 1 "
             f"and any number of learners")
-    from rlsr_ray.lora import LoraSpec
+    from rlsr_ray.modeling.lora import LoraSpec
 
     spec = LoraSpec.from_config(cfg.train.lora)
     if state.get("lora") != (spec.to_dict() if spec else None):
@@ -236,7 +237,7 @@ def grow_learners(cfg: Config, pools: Pools, out: Path, train_tok, policy_path: 
     below pools.learner.max_actors (set: growth is opt-in) is rebuilt larger where the cluster has
     room now, from that checkpoint: nothing is done again. Returns recover_learners' result."""
     from rlsr_ray.driver.pools import room_for_learners
-    from rlsr_ray.pool_sizes import learner_sizes
+    from rlsr_ray.config.pool_sizes import learner_sizes
 
     now = plan.learner_world_size
     if cfg.pools.learner.max_actors is None or step == 0 or now >= max(learner_sizes(cfg)):

@@ -1,6 +1,6 @@
 """The driver's side of weight sync: learners -> rollout actors, with the driver out of the data path.
 
-Two paths. The weight route (rlsr_ray/weight_group.py) broadcasts buckets from learner rank 0 to
+Two paths. The weight route (rlsr_ray/modeling/weight_group.py) broadcasts buckets from learner rank 0 to
 every rollout actor over a process group of their own; the driver only opens it and sends the
 version. The object store is the fallback and the path for pools that run inside the driver:
 learner rank 0 puts its export into Ray's object store itself and the rollout actors read that
@@ -19,7 +19,7 @@ from typing import Any
 
 from actors.pool import ActorFailure, Pool
 from rlsr_ray.cli import first_line
-from rlsr_ray.weight_group import RouteSettings
+from rlsr_ray.modeling.weight_group import RouteSettings
 
 log = logging.getLogger("rlsr_ray")
 

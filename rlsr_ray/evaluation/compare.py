@@ -58,7 +58,7 @@ def tracking_group(cfg: Config) -> str:
 def sft_policy(cfg: Config, out: Path) -> str:
     """The SFT arm's result as a whole model: under train.lora its final adapter's merged folder,
     so the SFT+RLSR arm trains new adapters on (and takes as its reference) the SFT policy."""
-    from rlsr_ray.lora import MERGED
+    from rlsr_ray.modeling.lora import MERGED
 
     final = out / "sft" / "final"
     return str(final / MERGED if cfg.train.lora.enabled else final)
@@ -66,7 +66,7 @@ def sft_policy(cfg: Config, out: Path) -> str:
 
 def compare(cfg: Config) -> dict[str, Any]:
     from rlsr_ray import sft, tracking
-    from rlsr_ray.models import resolve_reward_terms
+    from rlsr_ray.modeling.models import resolve_reward_terms
     from rlsr_ray.driver import run
     from rlsr_ray.driver.ray_session import connect_ray
     from rlsr_ray.evaluation import report
@@ -145,7 +145,7 @@ def machine() -> str:
 
     import torch
 
-    from rlsr_ray.policy import cpu_has_fast_bf16
+    from rlsr_ray.modeling.policy import cpu_has_fast_bf16
 
     name = platform.processor() or platform.machine()
     try:
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlsr_ray.data import DataError
     from rlsr_ray.evaluation.judge import JudgeError
     from rlsr_ray.evaluation.lm_eval_tasks import LmEvalError
-    from rlsr_ray.models import ModelError
+    from rlsr_ray.modeling.models import ModelError
     from rlsr_ray.sft import SftError
     from rlsr_ray.tracking import TrackingError
 

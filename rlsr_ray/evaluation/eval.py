@@ -72,8 +72,9 @@ def load_prompts(cfg: Config) -> Prompts:
 def eval_prompts(cfg: Config, prompts: Prompts, policy_path: str) -> pa.Table:
     """PROMPTS rows in this checkpoint's chat template. Overlong prompts keep their end rather
     than being dropped, so every checkpoint answers every prompt."""
-    from rlsr_ray import batch, data
-    from rlsr_ray.policy import load_tokenizer
+    from rlsr_ray.contract import batch
+    from rlsr_ray import data
+    from rlsr_ray.modeling.policy import load_tokenizer
 
     tok, d = load_tokenizer(policy_path), cfg.data
     ids = []
@@ -131,7 +132,7 @@ def generate_all(cfg: Config, checkpoints: list[tuple[str, str]], prompts: Promp
     from rlsr_ray.driver.heldout import answers
     from rlsr_ray.driver.pipeline import Pools
     from rlsr_ray.driver.pools import reward_pool, rollout_pool
-    from rlsr_ray.models import resolve_policy, resolve_reward_terms
+    from rlsr_ray.modeling.models import resolve_policy, resolve_reward_terms
 
     paths = [(name, resolve_policy(path, cfg.model.cache_dir)) for name, path in checkpoints]
     reward_terms = resolve_reward_terms(cfg)
@@ -231,7 +232,7 @@ def evaluate(cfg: Config, checkpoints: list[tuple[str, str]], pairs: list[tuple[
     over Y. Default pairs: every checkpoint against the first."""
     from rlsr_ray.driver.ray_session import connect_ray
     from rlsr_ray.evaluation import lm_eval_tasks
-    from rlsr_ray.models import ModelError, resolve_policy
+    from rlsr_ray.modeling.models import ModelError, resolve_policy
 
     t0 = time.perf_counter()
     names = [n for n, _ in checkpoints]
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlsr_ray.data import DataError
     from rlsr_ray.evaluation.judge import JudgeError
     from rlsr_ray.evaluation.lm_eval_tasks import LmEvalError
-    from rlsr_ray.models import ModelError
+    from rlsr_ray.modeling.models import ModelError
 
     def work(args: list[str]) -> dict[str, Any]:
         ckpts, preset, overrides = split_args(args)

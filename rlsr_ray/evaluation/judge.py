@@ -172,7 +172,7 @@ class LocalJudge:
     TOO_SMALL = 1_000_000_000  # parameters; below this, votes test the plumbing, not quality
 
     def __init__(self, path: str, device: str = "cpu", batch_size: int = 4):
-        from rlsr_ray.policy import load_tokenizer
+        from rlsr_ray.modeling.policy import load_tokenizer
 
         self.name, self.device, self.batch_size = path, device, batch_size
         self.tok = load_tokenizer(path)
@@ -185,7 +185,7 @@ class LocalJudge:
     def model(self):
         """Loaded at the first verdict: a judge checked before training or generation holds no
         weights while those run."""
-        from rlsr_ray.policy import load_causal_lm
+        from rlsr_ray.modeling.policy import load_causal_lm
 
         model = load_causal_lm(self.name, self.device)
         model.eval()
@@ -225,7 +225,7 @@ def make_judge(spec: str, model: str, api_key_env: str, timeout_s: float, cache_
         if not model:
             raise JudgeError("eval.judge_model: name the endpoint's model (the 'model' field of each request)")
         return EndpointJudge(spec, model, api_key_env, timeout_s, retries=retries)
-    from rlsr_ray.models import resolve_policy
+    from rlsr_ray.modeling.models import resolve_policy
 
     return LocalJudge(resolve_policy(spec, cache_dir), device)
 

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rlsr_ray.metrics import read_metrics
+from rlsr_ray.tracking.metrics import read_metrics
 
 ARMS = {"base": "base", "sft": "SFT", "rlsr": "RLSR", "sft_rlsr": "SFT → RLSR"}
 TRAINED = ("sft", "rlsr", "sft_rlsr")

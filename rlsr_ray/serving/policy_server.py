@@ -46,7 +46,7 @@ class PolicyServer:
 
         # Prompt + answer must fit the positions the model has: past them an HF model fails inside
         # its forward pass, which a client would see as a 500.
-        from rlsr_ray import lora
+        from rlsr_ray.modeling import lora
 
         model = lora.base_path(checkpoint) if lora.is_adapter(checkpoint) else checkpoint  # an adapter's base
         self.context = AutoConfig.from_pretrained(model).get_text_config().max_position_embeddings
@@ -105,7 +105,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from rlsr_ray import lora
+    from rlsr_ray.modeling import lora
 
     adapter = lora.is_adapter(args.checkpoint)
     if not adapter and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):

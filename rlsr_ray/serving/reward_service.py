@@ -14,7 +14,7 @@ import asyncio
 import pyarrow as pa
 from ray import serve
 
-from rlsr_ray import batch
+from rlsr_ray.contract import batch
 
 
 @serve.deployment
@@ -86,7 +86,7 @@ class ServicePool:
             # (the service is shared by runs and takes no references into one run's actors).
             import ray
 
-            from rlsr_ray.selection import gather
+            from rlsr_ray.contract.selection import gather
 
             tables = [ray.get(t) if isinstance(t, ray.ObjectRef) else t for t in args[1:]]
             args = (gather(tables, args[0], batch.ROLLOUTS),)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
-from rlsr_ray.tracking.trackers import TrackingError
+from rlsr_ray.tracking.base import TrackingError
 
 GROUP_TAG = "rlsr_ray.group"
 PARENT_TAG = "rlsr_ray.group_parent"

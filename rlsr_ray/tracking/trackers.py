@@ -9,27 +9,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Sequence
+
+from rlsr_ray.tracking.base import Tracker
 
 KINDS = ("tensorboard", "wandb", "mlflow")
-
-
-class TrackingError(RuntimeError):
-    """A tracking back end that is not installed or cannot be reached; one line for the user."""
-
-
-class Tracker(Protocol):
-    run_id: str | None  # kept in tracking.json so a resumed run goes on in the same tracking run
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-
-    def log_checkpoint(self, step: int, path: str) -> None: ...
-
-    def log_summary(self, summary: dict[str, float]) -> None: ...
-
-    def log_artifacts(self, paths: Sequence[Path]) -> None: ...
-
-    def close(self, failed: bool = False) -> None: ...
 
 
 def numeric(row: dict[str, Any], prefix: str = "") -> dict[str, float]:

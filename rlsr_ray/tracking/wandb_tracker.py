@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlsr_ray.tracking.trackers import TrackingError
+from rlsr_ray.tracking.base import TrackingError
 
 
 def check() -> None:

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from rlsr_ray import batch
+from rlsr_ray.contract import batch
 
 BUILTIN = "builtin"
 

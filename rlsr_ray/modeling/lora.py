@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rlsr_ray.models import ModelError
+from rlsr_ray.modeling.models import ModelError
 
 ADAPTER_CONFIG = "adapter_config.json"
 MERGED = "merged"  # a checkpoint's plain HF folder (the final one's) with the adapters folded in

@@ -1,10 +1,7 @@
 """How large each pool may be: an elastic pool's bounds, and the sizes a learner group may train at."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from rlsr_ray.config import Config, PoolConfig
+from rlsr_ray.config.schema import Config, PoolConfig
 
 
 def bounds(pool: PoolConfig) -> tuple[int, int]:
@@ -31,7 +28,7 @@ def learner_sizes(cfg: Config) -> list[int]:
 
 
 def validate_sizes(cfg: Config, need) -> None:
-    """config.validate's checks of the pools' bounds (need: its one-line ConfigError)."""
+    """validate.py's checks of the pools' bounds (need: its one-line ConfigError)."""
     for role in ("rollout", "reward", "reference"):
         p = getattr(cfg.pools, role)
         lo, hi = bounds(p)

@@ -34,10 +34,10 @@ def resolve_attention(requested: str, device: str) -> str:
 
 def load_causal_lm(path: str, device: str = "cpu", weights_dtype: str = "float32", attn_implementation: str = "auto"):
     """An HF model folder (or hub id), or a PEFT adapter folder: then its base with the adapter
-    folded in (rlsr_ray/lora.py), a plain transformers model either way."""
+    folded in (rlsr_ray/modeling/lora.py), a plain transformers model either way."""
     from transformers import AutoModelForCausalLM
 
-    from rlsr_ray import lora
+    from rlsr_ray.modeling import lora
 
     if lora.is_adapter(path):
         model = lora.load_merged(path, lambda base: load_causal_lm(base, "cpu", weights_dtype, attn_implementation))

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rlsr_ray.selection import MinibatchParts, contiguous, gather
+from rlsr_ray.contract.selection import MinibatchParts, contiguous, gather
 
 KEY = ["group_id", "sample_idx"]
 

@@ -1,6 +1,6 @@
 """The memory plan: per pool, what one device holds at the config's worst micro-batch, against the
 device's memory, before anything starts (`python -m rlsr_ray.plan PRESET [overrides]`; run.py
-refuses a plan over its device). The bytes come from rlsr_ray/memory.py."""
+refuses a plan over its device). The bytes come from rlsr_ray/plan/memory.py."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from rlsr_ray.config import Config, PoolConfig, pool_device
-from rlsr_ray.memory import GB, Batch, ModelShape, learner_activation_bytes, reference_activation_bytes, state_bytes
+from rlsr_ray.plan.memory import GB, Batch, ModelShape, learner_activation_bytes, reference_activation_bytes, state_bytes
 
 # One device's memory by Ray's accelerator_type label. Ray's "A100" covers both A100s: the smaller.
 ACCELERATOR_GB = {"A100": 40, "A100-40G": 40, "A100-80G": 80, "H100": 80, "H200": 141, "L4": 24, "A10G": 24,
@@ -189,7 +189,7 @@ def plan(cfg: Config, s: ModelShape) -> list[PoolPlan]:
 
 def _model(policy: str) -> str:
     """A PEFT adapter folder's base (its shape is the base's), else the policy itself."""
-    from rlsr_ray import lora
+    from rlsr_ray.modeling import lora
 
     return lora.base_path(policy) if lora.is_adapter(policy) else policy
 
