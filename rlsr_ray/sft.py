@@ -258,7 +258,7 @@ def trainer(local_ray: bool, *args, **kwargs):
     started, without Ray Train's PlacementGroupCleaner. The cleaner removes the workers' placement
     group should the training controller die, and asks the State API every second whether it still
     lives; the State API is served by the dashboard, which a local Ray started here does not run
-    (README, Security). Each ask then fails slowly, and the controller waits for the cleaner's
+    (docs/clusters.md). Each ask then fails slowly, and the controller waits for the cleaner's
     current ask to end before it returns (~12 s per SFT run) and floods the log with warnings. The
     placement group of a local Ray goes with that Ray when the command ends."""
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback

@@ -1,4 +1,4 @@
-"""Reward terms as a user writes them (README, "Your own reward"), loaded by tests as
+"""Reward terms as a user writes them (docs/rewards.md), loaded by tests as
 "reward_fns:NAME" with tests/ on the path."""
 import math
 

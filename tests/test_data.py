@@ -109,7 +109,7 @@ def test_prompts_table_matches_contract(tiny_tokenizer):
 
 
 def test_a_rows_other_fields_and_prompt_text_reach_the_prompts_table(tmp_path, tiny_tokenizer):
-    """Reward terms read the prompt's text and the data row's other fields (README, "Your own reward")."""
+    """Reward terms read the prompt's text and the data row's other fields (docs/rewards.md)."""
     import json
 
     path = tmp_path / "d.jsonl"

@@ -1,4 +1,4 @@
-"""Every install line that README and the cluster files give users resolves with pip's resolver.
+"""Every install line that README, the docs and the cluster files give users resolves with pip's resolver.
 
 Runs `pip install --dry-run --ignore-installed --report` against the package registry (metadata
 only, nothing is installed), so a version clash between the project's pins and an extra's (vLLM
@@ -41,8 +41,9 @@ def _key(cmd: str) -> str:
 def install_lines() -> dict[str, list[str]]:
     """pip arguments -> where they come from; the sdist a cluster node installs is this checkout."""
     lines: dict[str, list[str]] = {}
-    for cmd in _pip_commands((ROOT / "README.md").read_text()):
-        lines.setdefault(_key(cmd), []).append("README.md")
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for cmd in _pip_commands(page.read_text()):
+            lines.setdefault(_key(cmd), []).append(str(page.relative_to(ROOT)))
     for cluster in sorted((ROOT / "clusters").glob("*.yaml")):
         commands = yaml.safe_load(cluster.read_text()).get("setup_commands", [])
         for cmd in _pip_commands("\n".join(commands)):
@@ -52,8 +53,8 @@ def install_lines() -> dict[str, list[str]]:
 
 def test_the_install_lines_are_found():
     lines = install_lines()
-    assert lines[shlex.join(["-e", ".[cpu]"])] == ["README.md", "README.md"]  # quick start, measured run
-    assert "README.md" in lines[shlex.join(["-e", ".[cpu,dev,vllm-api]"])]  # the test command
+    assert {"README.md", "docs/getting-started.md"} <= set(lines[shlex.join(["-e", ".[cpu]"])])  # quick start
+    assert "README.md" in lines[shlex.join(["-e", ".[cpu,dev,vllm-api,docs]"])]  # the test command
     gpu = [args for args in lines if "[vllm]" in args]
     assert gpu and sorted(n for a in gpu for n in lines[a]) == ["a100.yaml", "heterogeneous.yaml", "p5.yaml"], lines
 
@@ -63,7 +64,7 @@ LOCAL_EXTRAS = re.compile(r"^\.\[([a-z0-9,-]+)\]$")
 
 def lines_to_resolve() -> list[str]:
     """One resolver run per requirement set that no other line contains: `-e .[cpu]` resolves
-    whenever `-e .[cpu,dev,vllm-api]` does, to the same pins, so only the larger set is run."""
+    whenever `-e .[cpu,dev,vllm-api,docs]` does, to the same pins, so only the larger set is run."""
     lines = sorted(install_lines())
     extras = {}
     for a in lines:
@@ -113,5 +114,5 @@ def test_install_line_resolves(args, resolved):
                 for i in json.loads(report.read_text())["install"]}
     if "[vllm]" in args:  # the GPU set: vLLM's own torch
         assert versions["vllm"] == "0.33.0" and versions["torch"] == "2.14.0", versions
-    elif "[cpu" in args:  # the CPU set every README timing was measured with
+    elif "[cpu" in args:  # the CPU set every CPU timing in the docs was measured with
         assert versions["torch"].startswith("2.13.0") and versions["transformers"] == "5.23.0", versions

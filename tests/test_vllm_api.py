@@ -2,7 +2,7 @@
 
 vLLM's engine needs CUDA, but its argument classes, its RPC encoding, its worker-extension mixing,
 its logits-processor loader and its client's error path are plain Python and import here when the
-wheel is installed without its CUDA dependencies (README, "The vLLM API tests"). Stand-ins
+wheel is installed without its CUDA dependencies (docs/development.md, "The vLLM API tests"). Stand-ins
 are used only for what needs a GPU: the model runner inside the worker (StandInGPUWorker's
 __init__ skips CUDA set-up) and the engine behind `LLM` (StandInLLM).
 """
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 if importlib.util.find_spec("vllm") is None:  # with the wheel, a missing module of its is an error
-    pytest.skip("the vLLM API tests need the vllm wheel (README, The vLLM API tests)", allow_module_level=True)
+    pytest.skip("the vLLM API tests need the vllm wheel (docs/development.md, "The vLLM API tests")", allow_module_level=True)
 pytestmark = pytest.mark.vllm_api
 
 import numpy as np  # noqa: E402

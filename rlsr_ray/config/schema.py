@@ -1,6 +1,6 @@
 """The configuration's schema: frozen dataclasses, one per section, every key with its type,
 default and (in its comment) what it does. The docs' configuration reference is generated from
-this file (docs/gen_config_reference.py), so a key added here appears there.
+this file (rlsr_ray/config/reference.py), so a key added here appears there.
 
 Derived values (world sizes, micro-batch counts) live in rlsr_ray/plan/, never written back here.
 """
@@ -22,7 +22,7 @@ class ModelConfig:
     # bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, float32 elsewhere (AVX2-only CPUs
     # emulate bf16 about 20x slower than float32), decided by each actor on its own hardware.
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    cache_dir: str = "~/.cache/rlsr_ray"
+    cache_dir: str = "~/.cache/rlsr_ray"  # where exported and built models are kept
     # Attention kernel of the learner and reference (transformers' attn_implementation; the
     # transformers rollout keeps sdpa, vLLM its own). "auto": flash_attention_2 on CUDA where the
     # flash-attn package is installed, else sdpa (PyTorch's fused attention, on CPU too).
@@ -33,21 +33,22 @@ class ModelConfig:
 class DataConfig:
     path: Optional[str] = None  # JSONL or Parquet; None uses the built-in dataset
     heldout_size: int = 60  # prompts kept out of training for before/after evaluation
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = 256  # prompts longer than this are dropped or cut (prompt_overflow)
+    # "drop": leave such a prompt out; "truncate": keep its last max_prompt_tokens tokens.
     prompt_overflow: Literal["truncate", "drop"] = "drop"
-    system_prompt: Optional[str] = None
-    shuffle_seed: int = 0
+    system_prompt: Optional[str] = None  # prepended to every prompt as a system turn
+    shuffle_seed: int = 0  # seed of the held-out split
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["transformers", "vllm"] = "transformers"  # vllm on GPUs (pip install -e ".[vllm]")
     samples_per_prompt: int = 8  # GRPO group size (paper: 8)
-    max_new_tokens: int = 4096
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = 4096  # longest answer sampled
+    temperature: float = 1.0  # learner and reference score at the same temperature
+    top_p: float = 1.0  # nucleus sampling; < 1 needs algo.recompute_old_logprobs with vLLM
     generate_batch_size: int = 64  # sequences per generate() call on one actor
-    vllm_gpu_memory_utilization: float = 0.85
+    vllm_gpu_memory_utilization: float = 0.85  # share of a GPU's memory vLLM may take
     # GPUs one vLLM engine shards the policy over (its tensor_parallel_size); each rollout actor
     # then holds this many GPUs (pools.rollout.num_gpus), and the weight route reaches every shard.
     vllm_tensor_parallel_size: int = 1
@@ -61,20 +62,22 @@ class RolloutConfig:
     # "auto": NCCL when learners and rollout actors are all on CUDA, else gloo. NCCL cannot join
     # two processes on one GPU: pools sharing GPUs (fractional num_gpus) need "gloo".
     weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
-    weight_bucket_mb: float = 256.0
+    weight_bucket_mb: float = 256.0  # bytes per broadcast on the weight route
     weight_sync_timeout_s: float = 300.0  # a member stuck this long fails the others' broadcast
 
 
 @dataclass(frozen=True)
 class AlgoConfig:
-    kl_coef: float = 0.001
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    clip_eps: float = 0.2
-    advantage_std_norm: bool = True
+    kl_coef: float = 0.001  # weight of the KL to the reference policy in the loss (paper: 0.001)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # Schulman's k1, k2 or k3 estimator of that KL
+    clip_eps: float = 0.2  # PPO clip range of the importance ratio
+    advantage_std_norm: bool = True  # divide a group's advantages by its reward std
+    # "token_mean": the mean over every response token of the mini-batch; "seq_mean": each
+    # sequence's token mean, then the mean over sequences.
     loss_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
     lcs_min_chars: int = 100  # penalise when the longest common substring exceeds this ...
     lcs_min_fraction: float = 0.1  # ... and this fraction of the reference length
-    lcs_penalty: float = -1.0
+    lcs_penalty: float = -1.0  # the reward of a response caught copying
     # Recompute old log-probs on the learners before updating (needed when the rollout engine's
     # numerics differ from the learner's, e.g. vLLM); otherwise rollout log-probs are used.
     recompute_old_logprobs: bool = False
@@ -85,15 +88,15 @@ class AlgoConfig:
     # their largest |reward| (cosine rewards rarely tie exactly, but near-ties carry only noise)
     # and generate further prompts in their place, at most max_refill_rounds times per step.
     dynamic_sampling: bool = False
-    group_spread_rtol: float = 0.01
-    max_refill_rounds: int = 2
+    group_spread_rtol: float = 0.01  # dynamic sampling: a group this close to a tie is dropped
+    max_refill_rounds: int = 2  # dynamic sampling: refills per step at most
 
 
 @dataclass(frozen=True)
 class RewardTerm:
     name: str  # its REWARDS column, and reward_<name>_mean in metrics.jsonl
     # What computes it: a built-in (similarity, copy_penalty, length, rouge_l), or a user's
-    # "module:function" / "module:Class" (README, "Your own reward"); None: the built-in `name`.
+    # "module:function" / "module:Class" (docs/rewards.md); None: the built-in `name`.
     fn: Optional[str] = None
     weight: float = 1.0  # reward = sum of weight x term (copy_penalty has none: it replaces the sum)
     model: Optional[str] = None  # similarity: a sentence-transformers model; None: model.reward_model
@@ -130,11 +133,11 @@ class TrainConfig:
     prompts_per_step: int = 1024  # paper batch size, in prompts
     mini_batch_prompts: int = 256  # one optimizer step per mini-batch (paper: 256)
     micro_batch_size: int = 8  # sequences per forward/backward on one learner
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    lr: float = 1e-6  # AdamW learning rate (paper: 1e-6 to 3e-6 with 1024-prompt batches)
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clip
+    zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage of the learners
+    adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     # "sgd": plain SGD, an update linear in the gradient (layout-equivalence checks, ablations).
     optimizer: Literal["adamw", "sgd"] = "adamw"
     # Recompute each decoder layer in backward instead of keeping its activations (transformers'
@@ -151,7 +154,7 @@ class TrainConfig:
     # ZeRO-3 offload to host memory (DeepSpeed's offload_optimizer / offload_param, device cpu):
     # the optimizer's share, and with it the parameters' partitions, leave the GPU.
     offload_optimizer: bool = False
-    offload_params: bool = False
+    offload_params: bool = False  # ZeRO-3 only
     lora: LoraConfig = LoraConfig()
 
 
@@ -159,15 +162,15 @@ class TrainConfig:
 class PoolConfig:
     # 0 runs the role inside the driver process (tests, debugging); N>0 starts N Ray actors.
     num_actors: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    num_cpus: float = 1.0  # logical CPUs each actor reserves
+    num_gpus: float = 0.0  # GPUs each actor reserves (fractions share one)
     accelerator_type: Optional[str] = None  # e.g. "A100", "L4": Ray's accelerator_type label
     # Memory of one of this pool's devices, for the memory plan (rlsr_ray/plan/memory_plan.py); None:
     # from accelerator_type's table entry, and no plan check where that is not known either.
     device_memory_gb: Optional[float] = None
     resources: dict[str, float] = field(default_factory=dict)  # custom node resources
-    torch_threads: int = 1
-    max_restarts: int = 0
+    torch_threads: int = 1  # torch's intra-op threads in each actor
+    max_restarts: int = 0  # Ray restarts of a crashed actor
     # "auto": CUDA when the actor holds GPUs. "cpu" keeps compute on the CPU while placement still
     # asks for logical GPUs, which lets GPU layouts be exercised on machines without any.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -181,8 +184,8 @@ class PoolConfig:
     # the group is rebuilt at the largest size from num_actors down to min_actors that the cluster
     # places, waiting shrink_after_s for each size but the last; ZeRO state loads at any size.
     min_actors: Optional[int] = None
-    max_actors: Optional[int] = None
-    shrink_after_s: float = 60.0
+    max_actors: Optional[int] = None  # see min_actors; growth is opt-in
+    shrink_after_s: float = 60.0  # learners: wait for each smaller size but the last
 
 
 @dataclass(frozen=True)
@@ -199,8 +202,8 @@ class RayConfig:
     # on this machine, whatever else is running here.
     address: Optional[str] = None
     num_cpus: Optional[int] = None  # logical CPUs of a locally started Ray (None: what pools need)
-    placement_timeout_s: float = 600.0
-    call_timeout_s: float = 3600.0
+    placement_timeout_s: float = 600.0  # wait for a pool's placement group before failing with its name
+    call_timeout_s: float = 3600.0  # wait for one pool call (pools.<role>.call_timeout_s overrides)
     # A pool's start-up: its actors' constructors (loading models, from placement on) and the
     # learners' group join and DeepSpeed set-up, each bounded by this; waits say what they wait
     # on after 5 s, then at doubling intervals.
@@ -213,14 +216,14 @@ class RewardServiceConfig:
     # reward pool; placement from pools.reward. An app of this name already running on the
     # cluster is used as it is, so several runs can share one service.
     enabled: bool = False
-    app_name: str = "rlsr_reward"
+    app_name: str = "rlsr_reward"  # the Serve application's name
     max_batch_size: int = 8  # requests (from any run) embedded in one pass
     # A run's rollouts go as requests of at most this many rows, all in flight at once, so one
     # run's step spreads over replicas and its load alone can scale the service out.
     request_rows: int = 64
-    batch_wait_timeout_s: float = 0.01
-    min_replicas: int = 1
-    max_replicas: int = 1
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    min_replicas: int = 1  # autoscaling's lower bound
+    max_replicas: int = 1  # autoscaling's upper bound
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ class SftConfig:
     # split, on Ray Train workers placed like pools.learner, with train.* for everything else.
     steps: int = 0  # optimizer steps; 0: one pass over the training split
     batch_examples: int = 32  # examples per optimizer step, over all workers
-    lr: float = 1e-5
+    lr: float = 1e-5  # SFT's AdamW learning rate
     max_answer_tokens: int = 256  # longer reference answers are cut, and then end without EOS
     save_every: int = 0  # steps between resumable checkpoints; 0: only after the last step
     # Where Ray Train keeps runs and checkpoints: an absolute path or a URI (s3://, gs://, NFS
@@ -243,16 +246,16 @@ class EvalConfig:
     # `python -m rlsr_ray.eval CHECKPOINT ...`: the checkpoints' answers to held-out prompts,
     # compared with the references and, with a judge, with each other.
     data_path: Optional[str] = None  # every row of this file; None: data.path's held-out split
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # longest answer generated
     temperature: float = 0.0  # 0: greedy
-    output_dir: str = "outputs/eval"
+    output_dir: str = "outputs/eval"  # answers, metrics, the summary
     # "none"; an OpenAI-compatible server's base URL (http://host:port/v1); or a local HF causal
     # LM (folder or built-in name). A small model is no judge: its votes are plumbing, not quality.
     judge: str = "none"
     judge_model: str = ""  # the endpoint's model name
     judge_api_key_env: str = "OPENAI_API_KEY"  # sent as a bearer token when set
     judge_prompt: Optional[str] = None  # a file with {instruction} {response_a} {response_b}
-    judge_timeout_s: float = 120.0
+    judge_timeout_s: float = 120.0  # one judge request
     judge_retries: int = 4  # further tries of an endpoint request on 429/5xx, a timeout, a dropped connection
     # Whether this judge is known to agree with human preference (e.g. AlpacaEval's reference
     # judge). Only then are its votes reported as win rates; otherwise as votes, with a caution.
@@ -263,20 +266,20 @@ class EvalConfig:
     lm_eval_include_path: Optional[str] = None  # a folder of the user's own task YAMLs
     lm_eval_limit: Optional[float] = None  # documents per task (< 1: a fraction); None: all
     lm_eval_num_fewshot: Optional[int] = None  # None: each task's own
-    lm_eval_batch_size: int = 8
+    lm_eval_batch_size: int = 8  # the harness's batch size
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    steps: int = 100
-    output_dir: str = "outputs/rlsr"
-    seed: int = 0
-    eval_before_after: bool = True
-    eval_max_new_tokens: int = 128
+    steps: int = 100  # RL steps
+    output_dir: str = "outputs/rlsr"  # metrics, checkpoints, summary
+    seed: int = 0  # drives sampling, keyed per sample (actors/keyed_sampler.py), and the prompt order
+    eval_before_after: bool = True  # greedy held-out similarity before and after training
+    eval_max_new_tokens: int = 128  # longest answer in that evaluation
     save_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2  # newest checkpoints kept on disk; 0 keeps all
     resume: Optional[str] = None  # "auto": latest complete checkpoint in output_dir, or a path
-    progress: bool = True
+    progress: bool = True  # a tqdm progress bar of the steps on stderr
     # Where the driver reports metrics besides metrics.jsonl: any of "tensorboard" (event files in
     # output_dir/tensorboard), "wandb", "mlflow"; [none] for none. Only the driver logs: the config
     # as parameters, every step's row, each checkpoint's path, the summary and output files at the end.

@@ -28,8 +28,8 @@ USAGE = """usage: python -m rlsr_ray.run [PRESET] [--section.key=value ...]
 
 PRESET is a shipped preset ({presets}) or a path to a YAML file; default: 'default'.
 Overrides use dotted keys, e.g. --run.steps=10 --run.output_dir=out --data.path=my.jsonl
-Sections: model, data, rollout, algo, train, pools.<role>, ray, reward_service, sft, run (see README,
-"Configuration")."""
+Sections: {sections}; every key, its type, default and meaning: docs/configuration.md, or
+python -m rlsr_ray.config.reference."""
 
 
 def prepare_data(cfg: Config, policy_path: str):
@@ -148,7 +148,10 @@ def interrupted_message(cfg: Config) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE.format(presets=", ".join(preset_names())))
+        import dataclasses
+
+        sections = ", ".join("pools.<role>" if f.name == "pools" else f.name for f in dataclasses.fields(Config))
+        print(USAGE.format(presets=", ".join(preset_names()), sections=sections))
         return 0
     from rlsr_ray.cli import error_line, split_preset
 
