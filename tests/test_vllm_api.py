@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 if importlib.util.find_spec("vllm") is None:  # with the wheel, a missing module of its is an error
-    pytest.skip("the vLLM API tests need the vllm wheel (docs/development.md, "The vLLM API tests")", allow_module_level=True)
+    pytest.skip("the vLLM API tests need the vllm wheel (docs/development.md, 'The vLLM API tests')", allow_module_level=True)
 pytestmark = pytest.mark.vllm_api
 
 import numpy as np  # noqa: E402
