@@ -64,9 +64,10 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "rlsr_ray.run", f"--run.seed={s}", f"--run.output_dir={out}"],
                            check=True)
             wall = time.time() - t0
-        per[str(s)] = {"wall_s": wall, **one(out)}
-        print(f"seed {s}: delta {per[str(s)]['heldout']['delta_mean']:+.4f} +- {per[str(s)]['heldout']['delta_se']:.4f}"
-              f" (z {per[str(s)]['heldout']['z']:.2f}), {per[str(s)]['samples_per_s']:.2f} samples/s", flush=True)
+        r = per[str(s)] = {"wall_s": wall, **one(out)}
+        h = r["heldout"]
+        print(f"seed {s}: delta {h['delta_mean']:+.4f} +- {h['delta_se']:.4f} (z {h['z']:.2f}), "
+              f"{r['samples_per_s']:.2f} samples/s", flush=True)
     deltas = [p["heldout"]["delta_mean"] for p in per.values()]
     result = {
         "command": f"python -m rlsr_ray.run --run.seed=S --run.output_dir={args.runs}/seedS, S in {seeds}",

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlsr_ray.cli import command, split_preset
     from rlsr_ray.data import DataError
     from rlsr_ray.evaluation.judge import JudgeError
-    from rlsr_ray.evaluation.lm_eval_tasks import LmEvalError
+    from rlsr_ray.evaluation.harness import LmEvalError
     from rlsr_ray.modeling.models import ModelError
     from rlsr_ray.sft import SftError
     from rlsr_ray.tracking import TrackingError
