@@ -266,8 +266,7 @@ class LearnerActor:
                     reasons.append(stats["skip_reason"])
         totals["skip_reasons"] = reasons
         # Prompt + response tokens through forward and backward: what MFU counts (6 N per token).
-        totals["sequence_tokens"] = float(sum(pc.sum(pc.list_value_length(t.column(c))).as_py() or 0
-                                              for t in minibatches for c in ("prompt_ids", "response_ids")))
+        totals["sequence_tokens"] = float(batch.sequence_tokens(minibatches))
         if self.device.startswith("cuda"):
             totals["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 1e6
         return totals

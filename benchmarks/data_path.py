@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 
 class DataOnlyRollout:
@@ -95,11 +94,9 @@ class DataOnlyLearner:
         trains = [batch.check(t, batch.TRAIN, "learner") for t in trains]
         rows = sum(len(t) for t in trains)
         # The keys the real learner's optimise() returns, since the driver's step reads all of them.
-        sequence_tokens = sum(pc.sum(pc.list_value_length(t.column(c))).as_py() or 0
-                              for t in trains for c in ("prompt_ids", "response_ids"))
         return {"tokens": float(rows), "pg_sum": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "grad_norm": 0.0,
                 "skipped": 0.0, "skip_reasons": [], "padding_tokens": 0.0, "micro_batches": float(len(trains)),
-                "sequence_tokens": float(sequence_tokens)}
+                "sequence_tokens": float(batch.sequence_tokens(trains))}
 
     def publish_weights(self):
         import ray

@@ -97,3 +97,9 @@ def test_nonfinite_rewards_name_the_reason():
 
     assert nonfinite_reason(rewards([0.1, 0.2])) is None
     assert nonfinite_reason(rewards([0.1, np.nan, np.inf])) == "2 non-finite value(s) in reward"
+
+
+def test_sequence_tokens_counts_prompt_and_response_tokens_of_every_table():
+    t = rollouts(3)  # every row: 3 prompt + 2 response tokens
+    assert batch.sequence_tokens([t, t.slice(0, 1), t.slice(0, 0)]) == 4 * (3 + 2)
+    assert batch.sequence_tokens([]) == 0

@@ -8,6 +8,8 @@ later.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -105,6 +107,11 @@ def check_rewards(table: pa.Table, where: str) -> pa.Table:
 
 def _list_lengths(table: pa.Table, name: str) -> np.ndarray:
     return pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
+
+
+def sequence_tokens(tables: Iterable[pa.Table]) -> int:
+    """Prompt + response tokens of every row of `tables` (TRAIN or SFT tables), padding excluded."""
+    return int(sum(_list_lengths(t, c).sum() for t in tables for c in ("prompt_ids", "response_ids")))
 
 
 def _check_invariants(table: pa.Table, where: str) -> None:
